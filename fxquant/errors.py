@@ -1,0 +1,59 @@
+"""Errors fxquant raises. Each says what went wrong, where, and what to do about it."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+def closest(word: str, candidates: Iterable[str]) -> str | None:
+    """The candidate nearest to ``word`` (for "did you mean" hints), or None when nothing is close."""
+    matches = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+class FxQuantError(Exception):
+    """Base class of every error fxquant raises on purpose."""
+
+
+class RecipeError(FxQuantError, ValueError):
+    """A recipe is invalid. Carries the file, the key path and (for misspellings) the closest valid key."""
+
+    def __init__(self, source: str, key_path: str, message: str, suggestion: str | None = None):
+        self.source = source
+        self.key_path = key_path
+        self.suggestion = suggestion
+        text = f"{source}: {key_path or '<top level>'}: {message}"
+        if suggestion:
+            text += f" (did you mean '{suggestion}'?)"
+        super().__init__(text)
+
+
+class TraceError(FxQuantError, RuntimeError):
+    """The model could not be traced at all. Names the module and the original error."""
+
+    def __init__(self, module_path: str, original: BaseException):
+        self.module_path = module_path or "<root>"
+        self.original = original
+        super().__init__(
+            f"could not trace module '{self.module_path}': {type(original).__name__}: {original}. "
+            f"List it in leaf_modules (prepare_qat(..., leaf_modules=['{self.module_path}']) or "
+            f"quant.leaf_modules in the recipe) to keep it in float, or give concrete_args for the "
+            f"arguments that drive its control flow."
+        )
+
+
+class PassError(FxQuantError, RuntimeError):
+    """A graph pass failed. Names the pass and the passes that ran before it."""
+
+    def __init__(self, pass_name: str, done: list[str], original: BaseException):
+        self.pass_name = pass_name
+        self.original = original
+        before = ", ".join(done) if done else "none"
+        super().__init__(
+            f"pass '{pass_name}' failed (passes run before it: {before}): {type(original).__name__}: {original}"
+        )
+
+
+class PrepareError(FxQuantError, RuntimeError):
+    """prepare_qat could not produce a correct model (bad example inputs, a failed invariant)."""

@@ -1,0 +1,304 @@
+"""Fake quantizers: LSQ, LSQ+ and observer-based, per tensor or per channel, 2–8 bits or pass-through.
+
+A quantizer is an ``nn.Module`` that maps a float tensor to the nearest point of its integer grid times a
+step (scale), returning floats ("fake" quantization). The rewritten graph calls them; they never import passes.
+
+* :class:`LSQQuantizer` — learned step size (Esser et al., ICLR 2020), gradient scale g = 1/sqrt(N·Qp),
+  step initialised to 2·mean|x|/sqrt(Qp) on the first batch. With ``learn_offset`` it is LSQ+ (a learned zero
+  point in integer units, rounded in the forward pass, as MQBench does).
+* :class:`ObserverQuantizer` — step and zero point from running statistics (``torch.ao`` observers), no
+  learned parameters; what post-training quantization (``ptq_w8a8``) uses.
+
+Both call torch's fused fake-quant kernels, which are several times faster than composing round/clamp.
+The bit width is a plain attribute: ``q.bits = 3`` takes effect on the next forward, no re-preparation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fxquant import _ao
+from fxquant.spec import FULL_PRECISION_BITS, QuantizerConfig, check_bits
+
+_EPS = 1e-8
+
+
+def integer_range(bits: int, signed: bool) -> tuple[int, int]:
+    """(Q_min, Q_max) of a ``bits``-wide grid: signed [-2^(b-1), 2^(b-1)-1], unsigned [0, 2^b-1].
+
+    Example usage::
+
+        integer_range(4, signed=True)   # (-8, 7)
+    """
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+class FakeQuantizer(nn.Module):
+    """Common state of every quantizer: bit width, on/off switch, channel axis, signedness.
+
+    ``signed`` may be None (decided from the first batch: signed when it has negative values). It is kept
+    in a buffer so that it travels with ``state_dict``.
+    """
+
+    def __init__(
+        self,
+        config: QuantizerConfig,
+        ch_axis: int | None = None,
+        signed: bool | None = None,
+        role: str = "activation",
+    ):
+        super().__init__()
+        if role not in ("weight", "activation"):
+            raise ValueError(f"role must be 'weight' or 'activation', got {role!r}")
+        self.config = config
+        self.role = role
+        self._bits = config.bits
+        self.ch_axis = ch_axis if config.granularity == "per_channel" else None
+        self.enabled = True
+        # -1 undecided, 0 unsigned, 1 signed; a buffer so that save/load restores the decision.
+        self.register_buffer("signed_flag", torch.tensor(-1 if signed is None else int(signed), dtype=torch.int8))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    # -- bit width ----------------------------------------------------------------------------------
+    @property
+    def bits(self) -> int:
+        return self._bits
+
+    @bits.setter
+    def bits(self, value: int) -> None:
+        check_bits(value)
+        old = self._bits
+        self._bits = value
+        if (
+            old != value
+            and bool(self.initialized)
+            and value not in FULL_PRECISION_BITS
+            and old not in FULL_PRECISION_BITS
+        ):
+            self._on_bits_changed(old, value)
+
+    def _on_bits_changed(self, old: int, new: int) -> None:
+        """Hook for quantizers with learned state that depends on the width."""
+
+    @property
+    def is_active(self) -> bool:
+        return self.enabled and self._bits not in FULL_PRECISION_BITS
+
+    @property
+    def signed(self) -> bool | None:
+        flag = int(self.signed_flag)
+        return None if flag < 0 else bool(flag)
+
+    def qrange(self) -> tuple[int, int]:
+        """The integer range at the current width (signedness must be decided)."""
+        return integer_range(self._bits, bool(self.signed))
+
+    def _decide_sign(self, x: torch.Tensor) -> None:
+        if self.signed is None:
+            self.signed_flag.fill_(int(bool((x < 0).any())))
+
+    def _per_channel_view(self, x: torch.Tensor) -> torch.Tensor:
+        """x as (channels, everything else)."""
+        return x.detach().transpose(0, self.ch_axis).reshape(x.shape[self.ch_axis], -1)
+
+    def extra_repr(self) -> str:
+        gran = f"per_channel(axis={self.ch_axis})" if self.ch_axis is not None else "per_tensor"
+        sign = {None: "sign=auto", True: "signed", False: "unsigned"}[self.signed]
+        return f"bits={self._bits}, {self.config.scheme}, {gran}, {sign}, enabled={self.enabled}"
+
+    def step_range(self) -> tuple[float, float] | None:
+        """(min, max) of the current step sizes, or None before initialisation."""
+        scale = getattr(self, "scale", None)
+        if scale is None or not bool(self.initialized):
+            return None
+        return float(scale.min()), float(scale.max())
+
+
+class LSQQuantizer(FakeQuantizer):
+    """Learned step size quantization; LSQ+ when ``config.learns_offset``.
+
+    Example usage::
+
+        q = LSQQuantizer(QuantizerConfig(bits=4, granularity="per_channel"), ch_axis=0, signed=True)
+        w_hat = q(conv.weight)      # first call initialises the step from the tensor itself
+    """
+
+    def __init__(
+        self,
+        config: QuantizerConfig,
+        ch_axis: int | None = None,
+        signed: bool | None = None,
+        role: str = "activation",
+    ):
+        if config.learns_offset:
+            signed = False  # LSQ+ quantizes onto an unsigned grid shifted by its learned zero point
+        super().__init__(config, ch_axis, signed, role)
+        self.learn_offset = config.learns_offset
+        # Shapes are fixed at the first batch (per-channel needs the channel count).
+        self.scale = nn.Parameter(torch.ones(1))
+        if self.learn_offset:
+            self.zero_point = nn.Parameter(torch.zeros(1))
+        else:
+            self.register_buffer("zero_point", torch.zeros(1))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A per-channel step is created lazily; accept the saved shape when loading into a fresh quantizer.
+        for name in ("scale", "zero_point"):
+            saved = state_dict.get(prefix + name)
+            current = getattr(self, name)
+            if saved is not None and saved.shape != current.shape:
+                current.data = torch.empty_like(saved)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        """Set the step (and offset) from a tensor: 2·mean|x|/sqrt(Qp) symmetric, min/max for LSQ+."""
+        self._decide_sign(x)
+        qmin, qmax = self.qrange()
+        flat = x.detach().reshape(1, -1) if self.ch_axis is None else self._per_channel_view(x)
+        if self.learn_offset:
+            lo = flat.min(dim=1).values.clamp(max=0)
+            hi = flat.max(dim=1).values.clamp(min=0)
+            scale = ((hi - lo) / (qmax - qmin)).clamp(min=_EPS)
+            zero_point = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+        else:
+            scale = (2 * flat.abs().mean(dim=1) / math.sqrt(qmax)).clamp(min=_EPS)
+            zero_point = torch.zeros_like(scale)
+        self.scale.data = scale.to(self.scale.dtype)
+        self.zero_point.data = zero_point.to(self.scale.dtype)
+        self.initialized.fill_(True)
+
+    def _on_bits_changed(self, old: int, new: int) -> None:
+        # Keep the clipping range: the step shrinks/grows by the ratio of the grid sizes.
+        signed = bool(self.signed)
+        old_min, old_max = integer_range(old, signed)
+        new_min, new_max = integer_range(new, signed)
+        with torch.no_grad():
+            self.scale.mul_((old_max - old_min) / (new_max - new_min))
+            if self.learn_offset:
+                self.zero_point.mul_((new_max - new_min) / (old_max - old_min)).clamp_(new_min, new_max)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.is_active:
+            return x
+        if not bool(self.initialized):
+            self.initialize(x)
+        qmin, qmax = self.qrange()
+        # Keep the step positive without bumping the parameter's version counter (it may be saved for
+        # backward by an earlier call of this same quantizer in this step).
+        self.scale.data.clamp_(min=_EPS)
+        grad_factor = 1.0 / math.sqrt(self._elements_per_step(x) * qmax)
+        if self.ch_axis is None:
+            return torch._fake_quantize_learnable_per_tensor_affine(
+                x, self.scale, self.zero_point, qmin, qmax, grad_factor
+            )
+        return torch._fake_quantize_learnable_per_channel_affine(
+            x, self.scale, self.zero_point, self.ch_axis, qmin, qmax, grad_factor
+        )
+
+    def _elements_per_step(self, x: torch.Tensor) -> float:
+        """N of LSQ's gradient scale: the elements one step quantizes — for a weight all of them (per
+        channel: the channel's), for an activation the features of one sample."""
+        n = x.numel()
+        if self.ch_axis is not None:
+            n /= x.shape[self.ch_axis]
+        if self.role == "activation" and x.dim() > 1:
+            n /= x.shape[0]
+        return max(n, 1.0)
+
+
+class ObserverQuantizer(FakeQuantizer):
+    """Fake-quant with step and zero point computed from observed statistics (no learned parameters).
+
+    Statistics are updated while ``observing`` is True (the default in training mode), frozen otherwise.
+
+    Example usage::
+
+        q = ObserverQuantizer(QuantizerConfig(bits=8, scheme="observer", observer="moving_average"))
+        for x in calibration_batches:
+            q(x)
+        q.observing = False
+    """
+
+    def __init__(
+        self,
+        config: QuantizerConfig,
+        ch_axis: int | None = None,
+        signed: bool | None = None,
+        role: str = "activation",
+    ):
+        super().__init__(config, ch_axis, signed, role)
+        self.observer = _ao.make_observer(config.observer, self.ch_axis)
+        self.observing = True
+        self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("scale", "zero_point"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None and saved.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(saved))
+        # Observer statistics are shaped by the data they saw; take the saved shapes.
+        for key, value in state_dict.items():
+            if key.startswith(prefix + "observer."):
+                attr = key[len(prefix + "observer.") :]
+                if hasattr(self.observer, attr) and getattr(self.observer, attr).shape != value.shape:
+                    setattr(self.observer, attr, torch.empty_like(value))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def _update_qparams(self) -> None:
+        qmin, qmax = self.qrange()
+        lo, hi = _ao.observed_range(self.observer)
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # zero must be exactly representable
+        if self.config.symmetric:
+            bound = torch.maximum(-lo, hi)
+            if bool(self.signed):
+                scale = bound / ((qmax - qmin) / 2)
+                zero_point = torch.zeros_like(scale)
+            else:
+                scale = bound / (qmax - qmin)
+                zero_point = torch.full_like(scale, qmin)
+        else:
+            scale = (hi - lo) / (qmax - qmin)
+            zero_point = qmin - torch.round(lo / scale.clamp(min=_EPS))
+        scale = scale.clamp(min=_EPS).reshape(-1).float()
+        self.scale = scale
+        self.zero_point = zero_point.clamp(qmin, qmax).round().reshape(-1).to(torch.int32)
+        self.initialized.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.is_active:
+            return x
+        if self.observing and (self.training or not bool(self.initialized)):
+            self._decide_sign(x)
+            self.observer(x.detach())
+            self._update_qparams()
+        elif not bool(self.initialized):
+            return x
+        qmin, qmax = self.qrange()
+        if self.ch_axis is None:
+            return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, qmin, qmax)
+        return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, self.ch_axis, qmin, qmax)
+
+    def _on_bits_changed(self, old: int, new: int) -> None:
+        if not self.observing:
+            self._update_qparams()
+
+
+def make_quantizer(config: QuantizerConfig, role: str, ch_axis: int | None = None) -> FakeQuantizer:
+    """Build the quantizer a config asks for. ``role`` is ``weight`` (signed, whole-tensor gradient
+    scale) or ``activation`` (sign decided on the first batch unless the config is asymmetric).
+
+    Example usage::
+
+        make_quantizer(QuantizerConfig(bits=4, granularity="per_channel"), "weight", ch_axis=0)
+    """
+    signed = True if role == "weight" and config.symmetric else None
+    cls = ObserverQuantizer if config.scheme == "observer" else LSQQuantizer
+    return cls(config, ch_axis, signed, role)

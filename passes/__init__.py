@@ -1,0 +1,32 @@
+"""fxquant.passes: graph passes, each ``fn(gm: GraphModule, ctx: PassContext) -> GraphModule``.
+
+They import fxquant's runtime modules (quantizers, layers, recipe) and never the API, CLI or training code.
+"""
+
+from .annotate import annotate, graph_roles
+from .assign_bits import assign_bits
+from .context import LayerRecord, PassContext, PassRecord
+from .fold_bn import fold_bn
+from .insert_quantizers import insert_quantizers
+from .manager import run_passes
+from .trace import TraceResult, trace_model
+from .verify import check_invariants, verify
+
+PREPARE_PASSES = (annotate, fold_bn, annotate, insert_quantizers, assign_bits, verify)
+
+__all__ = [
+    "PREPARE_PASSES",
+    "LayerRecord",
+    "PassContext",
+    "PassRecord",
+    "TraceResult",
+    "annotate",
+    "assign_bits",
+    "check_invariants",
+    "fold_bn",
+    "graph_roles",
+    "insert_quantizers",
+    "run_passes",
+    "trace_model",
+    "verify",
+]

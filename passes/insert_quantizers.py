@@ -1,0 +1,113 @@
+"""insert_quantizers: a weight fake-quant for every quantized layer, an activation fake-quant per input.
+
+* A module layer (Conv2d, Linear, ConvTranspose2d, ConvBn, ...) is swapped for its quantized subclass, which
+  carries ``weight_quantizer`` and shares the float parameters (state_dict keys are unchanged).
+* A functional conv/linear gets a quantizer node on its weight argument (one per weight tensor, however many
+  ops read it).
+* Each activation a quantized op reads gets one quantizer node right after the tensor is produced, shared by
+  every consumer that asks for the same QuantizerConfig — a tensor is never quantized twice.
+
+Quantizers are inserted for 16/32-bit specs too (as pass-throughs), so that bits can change at run time.
+Running the pass again changes nothing: quantized layers and quantizer-fed inputs are recognised.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from fxquant.layers import ConvBn, QuantizedLayer, to_quantized, weight_channel_axis
+from fxquant.quantizers import FakeQuantizer, make_quantizer
+from fxquant.spec import QuantizerConfig
+
+from .annotate import LAYER_KEY, SPEC_KEY
+from .context import LayerRecord, PassContext
+from .patterns import activation_inputs, functional_weight, is_quantizer_node, op_type
+
+QUANTIZERS_KEY = "fxquant_quantizers"
+
+
+def _free_name(gm: fx.GraphModule, base: str) -> str:
+    name, i = base, 1
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def _weight_axis_for_function(op: str) -> int:
+    return 1 if op.startswith("conv_transpose") else 0
+
+
+def _quantize_module_weight(gm: fx.GraphModule, node: fx.Node, config: QuantizerConfig) -> str:
+    module = gm.get_submodule(node.target)
+    if isinstance(module, ConvBn):
+        if not isinstance(module.weight_quantizer, FakeQuantizer):
+            module.weight_quantizer = make_quantizer(config, "weight", ch_axis=weight_channel_axis(module))
+    elif not isinstance(module, QuantizedLayer):
+        quantizer = make_quantizer(config, "weight", ch_axis=weight_channel_axis(module))
+        parent, _, name = str(node.target).rpartition(".")
+        gm.get_submodule(parent).register_module(name, to_quantized(module, quantizer))
+    return f"{node.target}.weight_quantizer"
+
+
+def _quantize_functional_weight(
+    gm: fx.GraphModule, node: fx.Node, config: QuantizerConfig, done: dict[fx.Node, fx.Node], op: str
+) -> str | None:
+    weight = functional_weight(node)
+    if weight is None:
+        return None
+    if is_quantizer_node(gm, weight):
+        return str(weight.target)
+    qnode = done.get(weight)
+    if qnode is None:
+        base = str(weight.target).replace(".", "_") if weight.op == "get_attr" else weight.name
+        name = _free_name(gm, f"{base}_quantizer")
+        gm.add_submodule(name, make_quantizer(config, "weight", ch_axis=_weight_axis_for_function(op)))
+        with gm.graph.inserting_after(weight):
+            qnode = gm.graph.call_module(name, (weight,))
+        done[weight] = qnode
+    node.replace_input_with(weight, qnode)
+    return str(qnode.target)
+
+
+def insert_quantizers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Insert weight and activation quantizers for every annotated node; record them in ``ctx.layers``."""
+    weight_done: dict[fx.Node, fx.Node] = {}
+    act_done: dict[tuple[fx.Node, QuantizerConfig], fx.Node] = {}
+    for node in list(gm.graph.nodes):
+        spec = node.meta.get(SPEC_KEY)
+        if spec is None:
+            continue
+        op = op_type(gm, node)
+        record = LayerRecord(
+            name=node.meta[LAYER_KEY],
+            op=op,
+            piece=ctx.piece,
+            node=node.name,
+            spec=spec,
+            role=node.meta.get("fxquant_role", ""),
+        )
+        if spec.weight is not None:
+            if node.op == "call_module":
+                record.weight_quantizer = _quantize_module_weight(gm, node, spec.weight)
+            else:
+                record.weight_quantizer = _quantize_functional_weight(gm, node, spec.weight, weight_done, op)
+        for _, source in activation_inputs(gm, node):
+            if is_quantizer_node(gm, source):
+                record.activation_quantizers.append(str(source.target))
+                continue
+            key = (source, spec.activation)
+            qnode = act_done.get(key)
+            if qnode is None:
+                name = _free_name(gm, f"{source.name}_act_quantizer")
+                gm.add_submodule(name, make_quantizer(spec.activation, "activation"))
+                with gm.graph.inserting_after(source):
+                    qnode = gm.graph.call_module(name, (source,))
+                act_done[key] = qnode
+            node.replace_input_with(source, qnode)
+            record.activation_quantizers.append(str(qnode.target))
+        node.meta[QUANTIZERS_KEY] = record
+        ctx.layers[f"{ctx.piece}:{node.name}"] = record
+    gm.graph.lint()
+    gm.recompile()
+    return gm

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One-time set-up of a fresh clone: a venv with the pinned torch, fxquant itself (editable, with the test
+# extra) and the real Fashion-MNIST data. Safe to run again: every step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+TORCH_PIN="torch==2.14.1 torchvision==0.29.1"
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "[setup] creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+if ! "$VENV/bin/python" -c 'import torch, torchvision, sys; sys.exit(not (torch.__version__.startswith("2.14.1") and torchvision.__version__.startswith("0.29.1")))' 2>/dev/null; then
+    echo "[setup] installing $TORCH_PIN (about a minute from the local wheel cache)"
+    # shellcheck disable=SC2086
+    "$VENV/bin/pip" install -q $TORCH_PIN
+fi
+if ! "$VENV/bin/python" -c 'import fxquant, pytest, hypothesis' 2>/dev/null; then
+    echo "[setup] installing fxquant (editable) with its test extra"
+    "$VENV/bin/pip" install -q -e '.[test]'
+fi
+
+# Real data: Debian's package installs the IDX files under /usr/share/datasets/fashion-mnist.
+if [ -z "${FXQUANT_DATA:-}" ] && [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+        echo "[setup] installing dataset-fashion-mnist with apt-get"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
+    else
+        echo "[setup] Fashion-MNIST is missing. Run: sudo apt-get install -y dataset-fashion-mnist" >&2
+        echo "[setup] or point FXQUANT_DATA at a torchvision FashionMNIST folder." >&2
+    fi
+fi
