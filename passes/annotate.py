@@ -67,10 +67,12 @@ def _override(config: QuantizerConfig, changes: dict) -> QuantizerConfig:
 def annotate(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Set ``node.meta['fxquant_spec']`` on every quantizable node. Idempotent: specs are recomputed."""
     quant = ctx.recipe.quant
-    roles = graph_roles(gm)
+    roles = graph_roles(gm)  # leaf_modules layers still count as ends: the layer after them is not "first"
     for node in quantizable_nodes(gm):
         kind = op_type(gm, node)
         name = ctx.qualify(layer_name(gm, node))
+        if node.op == "call_module" and name in ctx.keep_float:
+            continue
         weighted = node.op == "call_module" or has_weight_arg(node)
         weight = quant.weight if weighted else None
         activation = quant.activation

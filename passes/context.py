@@ -49,6 +49,7 @@ class PassContext:
     records: list[PassRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     matched_rules: set[int] = field(default_factory=set)
+    keep_float: frozenset[str] = frozenset()  # module paths the user listed in leaf_modules
 
     def note(self, text: str) -> None:
         self.notes.append(text)

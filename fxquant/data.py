@@ -1,0 +1,129 @@
+"""Fashion-MNIST from local IDX files — Debian's ``dataset-fashion-mnist`` or a torchvision folder. No downloads.
+
+Where the files are looked for, in order: the ``root`` argument, the ``FXQUANT_DATA`` environment variable,
+``/usr/share/datasets/fashion-mnist`` (Debian). A root may hold the IDX files directly (gzipped or not), or be
+a torchvision ``FashionMNIST`` folder (``root/FashionMNIST/raw/``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+MEAN, STD = 0.2860, 0.3530
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+AUGMENTS = ("none", "standard", "strong")
+
+
+class DataNotFoundError(FileNotFoundError):
+    """Fashion-MNIST is not on this machine; the message says how to get it."""
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """Read an IDX file (optionally gzipped) into a uint8 tensor of its declared shape."""
+    if path.suffix == ".gz":
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    else:
+        raw = path.read_bytes()
+    if raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    ndim = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    data = torch.frombuffer(bytearray(raw[4 + 4 * ndim :]), dtype=torch.uint8)
+    return data.reshape(shape)
+
+
+def _candidates(root: str | Path | None) -> list[Path]:
+    roots = [Path(root)] if root is not None else []
+    if os.environ.get("FXQUANT_DATA"):
+        roots.append(Path(os.environ["FXQUANT_DATA"]))
+    roots.append(DEBIAN_DIR)
+    out = []
+    for r in roots:
+        out += [r, r / "FashionMNIST" / "raw", r / "raw"]
+    return out
+
+
+def _locate(name: str, root: str | Path | None) -> Path:
+    for folder in _candidates(root):
+        for suffix in ("", ".gz"):
+            path = folder / f"{name}{suffix}"
+            if path.is_file():
+                return path
+    searched = ", ".join(str(p) for p in _candidates(root))
+    raise DataNotFoundError(
+        f"Fashion-MNIST file {name} not found (looked in: {searched}). Install it with "
+        "`sudo apt-get install -y dataset-fashion-mnist` (Debian/Ubuntu), or set FXQUANT_DATA to a folder that "
+        "holds the IDX files or a torchvision FashionMNIST folder."
+    )
+
+
+class FashionMNIST(Dataset):
+    """Images as normalised float tensors (1, 28, 28) and labels, with optional train-time augmentation.
+
+    ``augment``: ``none``; ``standard`` (random crop with 2-pixel padding, horizontal flip); ``strong`` (standard
+    plus random erasing of a square — the second view consistency losses use).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: str = "none", seed: int = 0):
+        if augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
+        self.images = ((images.float() / 255.0 - MEAN) / STD).unsqueeze(1)
+        self.labels = labels.long()
+        self.augment = augment
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[index]
+        if self.augment != "none":
+            image = augment_image(image, self.augment, self.generator)
+        return image, self.labels[index]
+
+
+def augment_image(image: torch.Tensor, kind: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One augmented copy of a (C, H, W) image (see FashionMNIST for the kinds)."""
+    _, h, w = image.shape
+    padded = torch.nn.functional.pad(image, (2, 2, 2, 2), value=float(image.min()))
+    dy, dx = (int(v) for v in torch.randint(0, 5, (2,), generator=generator))
+    out = padded[:, dy : dy + h, dx : dx + w]
+    if torch.rand((), generator=generator) < 0.5:
+        out = out.flip(-1)
+    if kind == "strong":
+        size = int(torch.randint(6, 13, (), generator=generator))
+        y, x = (int(v) for v in torch.randint(0, h - size, (2,), generator=generator))
+        out = out.clone()
+        out[:, y : y + size, x : x + size] = 0.0
+    return out
+
+
+def fashion_mnist(
+    split: str = "train", root: str | Path | None = None, augment: str = "none", limit: int | None = None
+) -> FashionMNIST:
+    """The Fashion-MNIST ``train`` (60,000) or ``test`` (10,000) split; ``limit`` keeps the first N samples.
+
+    Example usage::
+
+        train = fxquant.data.fashion_mnist("train", augment="standard")
+        loader = torch.utils.data.DataLoader(train, batch_size=128, shuffle=True)
+    """
+    if split not in FILES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    images_file, labels_file = FILES[split]
+    images = read_idx(_locate(images_file, root))
+    labels = read_idx(_locate(labels_file, root))
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return FashionMNIST(images, labels, augment)

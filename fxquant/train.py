@@ -1,0 +1,236 @@
+"""Training: one TrainStep per batch, ``evaluate`` for top-1, ``fit`` for epochs with a schedule.
+
+The optimizer treats three kinds of parameters differently (what LSQ training needs): quantizer steps and
+offsets get their own learning rate and no weight decay (decay would pull steps toward zero), batch-norm
+and bias parameters get no weight decay, all other weights get the recipe's decay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fxquant.quantizers import FakeQuantizer
+
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "epochs": 1,
+    "batch_size": 128,
+    "optimizer": "sgd",
+    "lr": 0.01,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "schedule": "cosine",
+    "warmup_epochs": 0,
+    "label_smoothing": 0.0,
+    "augment": "standard",
+}
+
+
+def parameter_groups(model: nn.Module, lr: float, weight_decay: float, quantizer_lr: float | None = None) -> list[dict]:
+    """Optimizer groups: weights (decayed), BN/bias (not decayed), quantizer parameters (own lr, not decayed).
+
+    Example usage::
+
+        optimizer = torch.optim.SGD(fxquant.train.parameter_groups(qmodel, 0.01, 1e-4), lr=0.01, momentum=0.9)
+    """
+    quantizer_ids = {id(p) for m in model.modules() if isinstance(m, FakeQuantizer) for p in m.parameters()}
+    decayed, plain, quant = [], [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in quantizer_ids:
+            quant.append(p)
+        elif p.dim() <= 1:
+            plain.append(p)
+        else:
+            decayed.append(p)
+    groups = [
+        {"params": decayed, "weight_decay": weight_decay, "lr": lr, "name": "weights"},
+        {"params": plain, "weight_decay": 0.0, "lr": lr, "name": "bn_bias"},
+    ]
+    if quant:
+        groups.append({"params": quant, "weight_decay": 0.0, "lr": quantizer_lr or lr, "name": "quantizers"})
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(model: nn.Module, config: dict[str, Any]) -> torch.optim.Optimizer:
+    """The optimizer a recipe's ``[train]`` table asks for."""
+    config = {**TRAIN_DEFAULTS, **config}
+    groups = parameter_groups(model, config["lr"], config["weight_decay"], config.get("quantizer_lr"))
+    if config["optimizer"] == "adamw":
+        return torch.optim.AdamW(groups, lr=config["lr"])
+    return torch.optim.SGD(groups, lr=config["lr"], momentum=config["momentum"], nesterov=config["momentum"] > 0)
+
+
+class TrainStep:
+    """One optimisation step per call: forward, loss, backward, optimizer step. Returns metrics.
+
+    Later methods plug in through the hooks rather than by rewriting the step: ``extra_losses`` are
+    callables ``(step, x, y, logits) -> dict[name, tensor]`` added to the loss.
+
+    Example usage::
+
+        step = fxquant.TrainStep(qmodel, optimizer)
+        for x, y in loader:
+            metrics = step(x, y)      # {"loss": ..., "ce": ..., "acc": ...}
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        teacher: nn.Module | None = None,
+        extra_losses: Iterable[Callable[..., dict[str, torch.Tensor]]] = (),
+    ):
+        self.model = model
+        self.optimizer = optimizer
+        self.criterion = criterion or nn.CrossEntropyLoss()
+        self.teacher = teacher.eval() if teacher is not None else None
+        self.extra_losses = list(extra_losses)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        self.model.train()
+        logits = self.model(x)
+        ce = self.criterion(logits, y)
+        terms = {"ce": ce}
+        for extra in self.extra_losses:
+            terms.update(extra(self, x, y, logits))
+        loss = sum(terms.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        metrics = {name: float(value.detach()) for name, value in terms.items()}
+        metrics["loss"] = float(loss.detach())
+        metrics["acc"] = float((logits.detach().argmax(1) == y).float().mean())
+        return metrics
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable) -> dict[str, float]:
+    """Top-1 accuracy (%) and mean cross-entropy of ``model`` in eval mode.
+
+    Example usage::
+
+        fxquant.evaluate(qmodel, test_loader)     # {"top1": 91.2, "loss": 0.25}
+    """
+    was_training = model.training
+    model.eval()
+    correct, total, loss = 0, 0, 0.0
+    for x, y in loader:
+        logits = model(x)
+        loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        total += len(y)
+    model.train(was_training)
+    return {"top1": 100.0 * correct / max(total, 1), "loss": loss / max(total, 1)}
+
+
+def lr_at(epoch_progress: float, config: dict[str, Any]) -> float:
+    """Learning-rate multiplier at a fractional epoch: linear warm-up, then cosine to zero or constant."""
+    epochs, warmup = config["epochs"], config.get("warmup_epochs", 0)
+    if warmup and epoch_progress < warmup:
+        return (epoch_progress + 1e-3) / warmup
+    if config["schedule"] == "constant":
+        return 1.0
+    span = max(epochs - warmup, 1e-9)
+    return 0.5 * (1 + math.cos(math.pi * min((epoch_progress - warmup) / span, 1.0)))
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    train_acc: float
+    test_top1: float | None
+    test_loss: float | None
+    seconds: float
+    images_per_second: float
+
+
+def fit(
+    model: nn.Module,
+    train_data: Any,
+    test_data: Any = None,
+    config: dict[str, Any] | None = None,
+    teacher: nn.Module | None = None,
+    progress: bool = True,
+    description: str = "train",
+) -> list[EpochRecord]:
+    """Train ``model`` for ``config["epochs"]`` epochs (a recipe's ``[train]`` table), evaluating each epoch.
+
+    ``train_data``/``test_data`` are datasets or DataLoaders. Returns one record per epoch.
+
+    Example usage::
+
+        history = fxquant.fit(qmodel, fashion_mnist("train", augment="standard"), fashion_mnist("test"),
+                              qmodel.recipe.train)
+    """
+    config = {**TRAIN_DEFAULTS, **(config or {})}
+    train_loader = _loader(train_data, config["batch_size"], shuffle=True)
+    test_loader = _loader(test_data, 512, shuffle=False) if test_data is not None else None
+    optimizer = make_optimizer(model, config)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    criterion = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
+    step = TrainStep(model, optimizer, criterion, teacher)
+    history: list[EpochRecord] = []
+    bar = _progress() if progress else None
+    with bar or contextlib.nullcontext():
+        task = bar.add_task(description, total=config["epochs"] * len(train_loader)) if bar else None
+        for epoch in range(config["epochs"]):
+            start, seen, loss_sum, acc_sum = time.perf_counter(), 0, 0.0, 0.0
+            for i, (x, y) in enumerate(train_loader):
+                scale = lr_at(epoch + i / len(train_loader), config)
+                for group, base in zip(optimizer.param_groups, base_lrs):
+                    group["lr"] = base * scale
+                metrics = step(x, y)
+                seen += len(y)
+                loss_sum += metrics["loss"] * len(y)
+                acc_sum += metrics["acc"] * len(y)
+                if bar:
+                    rate = seen / (time.perf_counter() - start)
+                    bar.update(
+                        task,
+                        advance=1,
+                        description=(
+                            f"{description} epoch {epoch + 1}/{config['epochs']} loss {loss_sum / seen:.3f} "
+                            f"acc {100 * acc_sum / seen:.1f}% {rate:.0f} img/s"
+                        ),
+                    )
+            seconds = time.perf_counter() - start
+            result = evaluate(model, test_loader) if test_loader is not None else {"top1": None, "loss": None}
+            history.append(
+                EpochRecord(
+                    epoch + 1,
+                    loss_sum / seen,
+                    100 * acc_sum / seen,
+                    result["top1"],
+                    result["loss"],
+                    seconds,
+                    seen / seconds,
+                )
+            )
+            if bar and result["top1"] is not None:
+                bar.console.print(f"{description} epoch {epoch + 1}: test top-1 {result['top1']:.2f}%")
+    return history
+
+
+def _loader(data: Any, batch_size: int, shuffle: bool) -> DataLoader:
+    if isinstance(data, DataLoader):
+        return data
+    generator = torch.Generator().manual_seed(0)
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=shuffle)
+
+
+def _progress():
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), TimeRemainingColumn())

@@ -1,0 +1,139 @@
+"""Hypothesis strategies shared by the whole test suite: random models and random valid recipes.
+
+A generated model is a small CNN described by a list of op codes (conv, BN, ReLU, residual add, concat,
+pooling, a conv module called twice, functional conv/linear/relu, matmul) ending in pooling, flatten and a
+linear classifier. Every description builds a model that symbolic tracing accepts and that runs on
+(N, 3, 8, 8) inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from hypothesis import strategies as st
+from torch import nn
+
+OPS = ("conv", "bn", "relu", "residual", "cat", "pool", "shared", "fconv", "frelu", "matmul", "convt")
+INPUT_SHAPE = (2, 3, 8, 8)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    ops: tuple[str, ...]
+    widths: tuple[int, ...]
+    functional_head: bool
+    seed: int
+
+
+class GeneratedNet(nn.Module):
+    """A model built from a ModelSpec; its forward walks the op list (a static Python loop)."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        torch.manual_seed(spec.seed)
+        self.spec = spec
+        self.layers = nn.ModuleList()
+        self.params = nn.ParameterList()
+        channels, size = INPUT_SHAPE[1], INPUT_SHAPE[2]
+        self.plan: list[tuple[str, int, int]] = []  # (op, module index or -1, param index or -1)
+        for op, width in zip(spec.ops, spec.widths):
+            index, pindex = -1, -1
+            if op == "conv":
+                self.layers.append(nn.Conv2d(channels, width, 3, padding=1))
+                channels = width
+            elif op == "bn":
+                self.layers.append(nn.BatchNorm2d(channels))
+            elif op == "relu":
+                self.layers.append(nn.ReLU())
+            elif op in ("residual", "shared"):
+                self.layers.append(nn.Conv2d(channels, channels, 3, padding=1, groups=1))
+            elif op == "cat":
+                self.layers.append(nn.Conv2d(channels, width, 1))
+                channels += width
+            elif op == "pool":
+                if size < 2:
+                    op = "relu"
+                    self.layers.append(nn.ReLU())
+                else:
+                    self.layers.append(nn.MaxPool2d(2))
+                    size //= 2
+            elif op == "convt":
+                self.layers.append(nn.ConvTranspose2d(channels, width, 3, padding=1))
+                channels = width
+            elif op == "fconv":
+                self.params.append(nn.Parameter(torch.randn(width, channels, 3, 3) * 0.2))
+                pindex = len(self.params) - 1
+                channels = width
+            index = len(self.layers) - 1 if op not in ("fconv", "frelu", "matmul") else -1
+            self.plan.append((op, index, pindex))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.functional_head = spec.functional_head
+        if spec.functional_head:
+            self.head_weight = nn.Parameter(torch.randn(10, channels) * 0.2)
+            self.head_bias = nn.Parameter(torch.zeros(10))
+        else:
+            self.head = nn.Linear(channels, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for op, index, pindex in self.plan:
+            if op in ("conv", "bn", "relu", "pool", "convt"):
+                x = self.layers[index](x)
+            elif op == "residual":
+                x = x + self.layers[index](x)
+            elif op == "shared":
+                x = self.layers[index](self.layers[index](x))  # one module called twice
+            elif op == "cat":
+                x = torch.cat([x, self.layers[index](x)], dim=1)
+            elif op == "fconv":
+                x = F.conv2d(x, self.params[pindex], None, 1, 1)
+            elif op == "frelu":
+                x = F.relu(x)
+            elif op == "matmul":
+                x = torch.matmul(x, x.transpose(-1, -2)) * 0.1
+        x = torch.flatten(self.pool(x), 1)
+        if self.functional_head:
+            return F.linear(x, self.head_weight, self.head_bias)
+        return self.head(x)
+
+
+@st.composite
+def model_specs(draw: st.DrawFn, max_ops: int = 6) -> ModelSpec:
+    ops = tuple(draw(st.lists(st.sampled_from(OPS), min_size=1, max_size=max_ops)))
+    widths = tuple(draw(st.lists(st.integers(2, 6), min_size=len(ops), max_size=len(ops))))
+    return ModelSpec(ops, widths, draw(st.booleans()), draw(st.integers(0, 2**16)))
+
+
+def models(max_ops: int = 6) -> st.SearchStrategy[GeneratedNet]:
+    return model_specs(max_ops).map(GeneratedNet)
+
+
+BITS = st.sampled_from([2, 3, 4, 5, 8, 32])
+
+
+@st.composite
+def quantizer_tables(draw: st.DrawFn, schemes: tuple[str, ...] = ("lsq", "lsq_plus")) -> dict:
+    return {
+        "bits": draw(BITS),
+        "scheme": draw(st.sampled_from(schemes)),
+        "granularity": draw(st.sampled_from(["per_tensor", "per_channel"])),
+        "symmetric": draw(st.booleans()),
+    }
+
+
+@st.composite
+def recipes(draw: st.DrawFn, bn: tuple[str, ...] = ("keep", "fold"), with_rules: bool = True) -> dict:
+    """A random valid recipe as a dict (rules only match types every generated model has)."""
+    weight = draw(quantizer_tables())
+    activation = draw(quantizer_tables())
+    activation["granularity"] = "per_tensor"
+    quant: dict = {"weight": weight, "activation": activation, "bn": draw(st.sampled_from(bn))}
+    if draw(st.booleans()):
+        quant["first_layer"] = {"weight_bits": 8, "activation_bits": 8}
+    if draw(st.booleans()):
+        quant["last_layer"] = {"weight_bits": draw(BITS), "activation_bits": 8}
+    if with_rules and draw(st.booleans()):
+        # Every generated model ends in a linear layer (module or functional), so this rule always matches.
+        quant["rule"] = [{"match": {"type": ["Linear", "linear"]}, "weight": {"bits": draw(BITS)}}]
+    return {"name": "generated", "quant": quant}

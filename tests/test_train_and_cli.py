@@ -1,0 +1,85 @@
+"""Data reading, the training step, evaluation, and the CLI's contract (one-line errors, exit codes)."""
+
+import gzip
+
+import pytest
+import torch
+
+import fxquant
+from fxquant.cli import main
+from fxquant.data import DataNotFoundError, fashion_mnist, read_idx
+from fxquant.models import resnet20
+from fxquant.train import TrainStep, evaluate, make_optimizer, parameter_groups
+
+
+def write_idx(path, array: torch.Tensor):
+    header = bytes([0, 0, 8, array.dim()]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.to(torch.uint8).numpy().tobytes())
+
+
+@pytest.fixture
+def tiny_fashion(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    labels = torch.arange(40) % 10
+    images = (labels[:, None, None] * 25 + torch.randint(0, 5, (40, 28, 28))).clamp(0, 255)
+    for prefix in ("train", "t10k"):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    monkeypatch.setenv("FXQUANT_DATA", str(tmp_path))
+    return tmp_path, labels
+
+
+def test_idx_reader_and_dataset(tiny_fashion):
+    folder, labels = tiny_fashion
+    data = fashion_mnist("train", root=None, augment="strong", limit=20)
+    x, y = data[3]
+    assert x.shape == (1, 28, 28) and int(y) == 3 and len(data) == 20
+    assert torch.equal(read_idx(folder / "train-labels-idx1-ubyte.gz"), labels)
+
+
+def test_missing_data_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("FXQUANT_DATA", str(tmp_path))
+    monkeypatch.setattr("fxquant.data.DEBIAN_DIR", tmp_path / "nowhere")
+    with pytest.raises(DataNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
+        fashion_mnist("test")
+
+
+def test_quantizer_parameters_get_their_own_group_without_decay():
+    qmodel = fxquant.prepare_qat(resnet20(), "lsq_w4a4")
+    qmodel(torch.randn(2, 1, 28, 28))
+    groups = {g["name"]: g for g in parameter_groups(qmodel, 0.1, 1e-4, quantizer_lr=0.01)}
+    assert groups["quantizers"]["weight_decay"] == 0 and groups["quantizers"]["lr"] == 0.01
+    quantizer_params = sum(p.numel() for q in qmodel.quantizers().values() for p in q.parameters())
+    assert sum(p.numel() for p in groups["quantizers"]["params"]) == quantizer_params
+
+
+def test_train_step_learns_a_separable_toy_problem():
+    torch.manual_seed(0)
+    qmodel = fxquant.prepare_qat(
+        torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2)), "lsq_w4a4"
+    )
+    x = torch.randn(256, 4)
+    y = (x[:, 0] > 0).long()
+    step = TrainStep(qmodel, make_optimizer(qmodel, {"lr": 0.1, "optimizer": "sgd"}))
+    first = step(x, y)
+    for _ in range(150):
+        last = step(x, y)
+    assert last["loss"] < first["loss"] * 0.5
+    assert evaluate(qmodel, [(x, y)])["top1"] > 90
+
+
+def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[quant]\nweight = { bitz = 3 }\n")
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "quant.weight.bitz" in err and "did you mean 'bits'" in err
+    assert main(["summary", "--model", "keras:resnet", "--input", "1,3,32,32"]) == 2
+
+
+def test_cli_summary_and_recipes(capsys):
+    assert main(["summary", "--model", "fxquant:resnet20", "--input", "1,1,28,28", "--format", "text"]) == 0
+    assert "conv1 [first]" in capsys.readouterr().out
+    assert main(["recipes"]) == 0
+    assert "lsq_w4a4" in capsys.readouterr().out
