@@ -143,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="FP vs QAT resnet20 on real Fashion-MNIST")
     demo.add_argument("--recipes", default="lsq_w4a4,lsq_w2a2")
-    demo.add_argument("--train-images", type=int, default=12000, help="training images used (of 60,000)")
-    demo.add_argument("--fp-epochs", type=int, default=3)
+    demo.add_argument("--train-images", type=int, default=10000, help="training images used (of 60,000)")
+    demo.add_argument("--fp-epochs", type=int, default=2)
     demo.add_argument("--qat-epochs", type=int, default=1)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--cache", default=".fxquant_cache")

@@ -98,6 +98,21 @@ class FakeQuantizer(nn.Module):
         """The integer range at the current width (signedness must be decided)."""
         return integer_range(self._bits, bool(self.signed))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Steps, zero points and observer statistics are shaped by the first batch (per-channel needs the
+        # channel count): a fresh quantizer takes the saved shapes before loading the values.
+        for key, saved in state_dict.items():
+            if not key.startswith(prefix):
+                continue
+            *path, name = key[len(prefix) :].split(".")
+            owner = self
+            for part in path:
+                owner = getattr(owner, part, None)
+            current = getattr(owner, name, None) if owner is not None else None
+            if isinstance(current, torch.Tensor) and current.shape != saved.shape:
+                current.data = torch.empty_like(saved, dtype=current.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _decide_sign(self, x: torch.Tensor) -> None:
         if self.signed is None:
             self.signed_flag.fill_(int(bool((x < 0).any())))
@@ -116,7 +131,7 @@ class FakeQuantizer(nn.Module):
         scale = getattr(self, "scale", None)
         if scale is None or not bool(self.initialized):
             return None
-        return float(scale.min()), float(scale.max())
+        return float(scale.detach().min()), float(scale.detach().max())
 
 
 class LSQQuantizer(FakeQuantizer):
@@ -145,15 +160,6 @@ class LSQQuantizer(FakeQuantizer):
             self.zero_point = nn.Parameter(torch.zeros(1))
         else:
             self.register_buffer("zero_point", torch.zeros(1))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A per-channel step is created lazily; accept the saved shape when loading into a fresh quantizer.
-        for name in ("scale", "zero_point"):
-            saved = state_dict.get(prefix + name)
-            current = getattr(self, name)
-            if saved is not None and saved.shape != current.shape:
-                current.data = torch.empty_like(saved)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
@@ -237,19 +243,6 @@ class ObserverQuantizer(FakeQuantizer):
         self.observing = True
         self.register_buffer("scale", torch.ones(1))
         self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("scale", "zero_point"):
-            saved = state_dict.get(prefix + name)
-            if saved is not None and saved.shape != getattr(self, name).shape:
-                setattr(self, name, torch.empty_like(saved))
-        # Observer statistics are shaped by the data they saw; take the saved shapes.
-        for key, value in state_dict.items():
-            if key.startswith(prefix + "observer."):
-                attr = key[len(prefix + "observer.") :]
-                if hasattr(self.observer, attr) and getattr(self.observer, attr).shape != value.shape:
-                    setattr(self.observer, attr, torch.empty_like(value))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def _update_qparams(self) -> None:

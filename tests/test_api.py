@@ -145,3 +145,15 @@ def test_ptq_recipe_observes_without_learning():
     assert not any("quantizer" in name for name, _ in qmodel.named_parameters())
     qmodel(torch.randn(2, 3, 32, 32))
     assert all(bool(q.initialized) for q in qmodel.quantizers().values())
+
+
+def test_observer_state_round_trips_into_a_fresh_model():
+    model = resnet()
+    qmodel = fxquant.prepare_qat(model, "ptq_w8a8")
+    qmodel(torch.randn(4, 3, 32, 32))  # observe
+    fresh = fxquant.prepare_qat(model, "ptq_w8a8")
+    fresh.load_state_dict(qmodel.state_dict())
+    qmodel.eval()
+    fresh.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(fresh(x), qmodel(x))
