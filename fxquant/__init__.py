@@ -7,12 +7,14 @@ Example usage::
     fxquant.summary(qmodel)
 """
 
+from fxquant import data, models, train
 from fxquant.api import PrepareReport, QATModel, disable_quant, prepare_qat
 from fxquant.errors import FxQuantError, PassError, PrepareError, RecipeError, TraceError
 from fxquant.quantizers import FakeQuantizer, LSQQuantizer, ObserverQuantizer, make_quantizer
 from fxquant.recipe import Recipe, builtin_names, load_recipe
 from fxquant.spec import QuantizerConfig, QuantSpec
 from fxquant.summary import summary
+from fxquant.train import TrainStep, evaluate, fit
 
 __version__ = "0.1.0.dev0"
 
@@ -30,10 +32,16 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "TraceError",
+    "TrainStep",
     "builtin_names",
+    "data",
     "disable_quant",
+    "evaluate",
+    "fit",
     "load_recipe",
     "make_quantizer",
+    "models",
     "prepare_qat",
     "summary",
+    "train",
 ]

@@ -184,8 +184,7 @@ def prepare_qat(
 
     order = [name for name, _ in model.named_modules()]
     ends = _ends(traced.pieces, order)
-    keep_float = frozenset(path for path, why in traced.opaque.items() if why.endswith("listed in leaf_modules"))
-    ctx = PassContext(recipe=recipe, keep_float=keep_float)
+    ctx = PassContext(recipe=recipe, keep_float=frozenset(traced.user_leaves))
     prepared: dict[str, fx.GraphModule] = {}
     for path in sorted(traced.pieces, key=order.index):
         ctx.piece = path

@@ -84,7 +84,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     console = Console()
     torch.manual_seed(args.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     train_data = fashion_mnist("train", augment="standard", limit=args.train_images)
     test_data = fashion_mnist("test")
     test_loader = torch.utils.data.DataLoader(test_data, batch_size=512)

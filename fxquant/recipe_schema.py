@@ -97,7 +97,6 @@ TRAIN = Table(
         "schedule": Key((str,), choices=("cosine", "constant")),
         "warmup_epochs": Key((int,), check=_non_negative),
         "label_smoothing": Key((float, int), check=_non_negative),
-        "augment": Key((str,), choices=("none", "standard", "strong")),
     }
 )
 

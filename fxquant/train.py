@@ -30,7 +30,6 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "schedule": "cosine",
     "warmup_epochs": 0,
     "label_smoothing": 0.0,
-    "augment": "standard",
 }
 
 
@@ -88,13 +87,11 @@ class TrainStep:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-        teacher: nn.Module | None = None,
         extra_losses: Iterable[Callable[..., dict[str, torch.Tensor]]] = (),
     ):
         self.model = model
         self.optimizer = optimizer
         self.criterion = criterion or nn.CrossEntropyLoss()
-        self.teacher = teacher.eval() if teacher is not None else None
         self.extra_losses = list(extra_losses)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -161,7 +158,6 @@ def fit(
     train_data: Any,
     test_data: Any = None,
     config: dict[str, Any] | None = None,
-    teacher: nn.Module | None = None,
     progress: bool = True,
     description: str = "train",
 ) -> list[EpochRecord]:
@@ -180,7 +176,7 @@ def fit(
     optimizer = make_optimizer(model, config)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     criterion = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
-    step = TrainStep(model, optimizer, criterion, teacher)
+    step = TrainStep(model, optimizer, criterion)
     history: list[EpochRecord] = []
     bar = _progress() if progress else None
     with bar or contextlib.nullcontext():

@@ -12,7 +12,8 @@ from .manager import run_passes
 from .trace import TraceResult, trace_model
 from .verify import check_invariants, verify
 
-PREPARE_PASSES = (annotate, fold_bn, annotate, insert_quantizers, assign_bits, verify)
+# fold_bn keeps the conv node (and its spec) in place, so one annotate before it is enough.
+PREPARE_PASSES = (annotate, fold_bn, insert_quantizers, assign_bits, verify)
 
 __all__ = [
     "PREPARE_PASSES",

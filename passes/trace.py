@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import fx, nn
 
-from fxquant.errors import TraceError
+from fxquant.errors import TraceError, closest
 from fxquant.layers import is_quantizable_module
 
 # Modules whose forward does not call their children (it reads their parameters directly), so tracing the
@@ -38,6 +38,7 @@ class TraceResult:
 
     pieces: dict[str, fx.GraphModule] = field(default_factory=dict)
     opaque: dict[str, str] = field(default_factory=dict)
+    user_leaves: set[str] = field(default_factory=set)  # the paths of opaque modules the user asked to keep float
     first_failure: tuple[str, BaseException] | None = None
 
 
@@ -125,8 +126,6 @@ def trace_model(
     known = {name for name, _ in model.named_modules()}
     for path in leaf_paths:
         if path not in known:
-            from fxquant.errors import closest
-
             hint = closest(path, known)
             raise TraceError(
                 path, KeyError(f"leaf_modules names no such module{f'; did you mean {hint!r}' if hint else ''}")
@@ -135,9 +134,11 @@ def trace_model(
     result = TraceResult()
     for path in leaf_paths:
         result.opaque[path] = "listed in leaf_modules"
+        result.user_leaves.add(path)
     for name, module in model.named_modules():
         if leaf_types and isinstance(module, leaf_types) and name:
             result.opaque.setdefault(name, f"{type(module).__name__} is listed in leaf_modules")
+            result.user_leaves.add(name)
 
     def relative(prefix: str, paths: set[str]) -> set[str]:
         if not prefix:

@@ -1,0 +1,18 @@
+"""The README's quick start runs as written (with a one-batch loader standing in for the user's data)."""
+
+import re
+from pathlib import Path
+
+import torch
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_quick_start_runs():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "README has no python example"
+    loader = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))]
+    namespace = {"loader": loader}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    assert set(namespace["metrics"]) >= {"loss", "acc"}
+    assert namespace["float_logits"].shape == (4, 10)
