@@ -96,7 +96,8 @@ def fake_quantize(
     grad_factor: float = 1.0,
 ) -> torch.Tensor:
     """Quantize-dequantize ``x`` onto ``[qmin, qmax]`` with step ``scale`` (per tensor, or per channel along
-    ``ch_axis``) and ``zero_point`` (None: symmetric, no offset), differentiable in ``x`` (straight-through), ``scale`` and ``zero_point`` (LSQ/LSQ+).
+    ``ch_axis``) and ``zero_point`` (None: symmetric, no offset). Differentiable in ``x`` (straight-through),
+    ``scale`` and ``zero_point`` (LSQ/LSQ+ gradients, times ``grad_factor``).
 
     Example usage::
 
