@@ -7,8 +7,9 @@ Example usage::
     fxquant.summary(qmodel)
 """
 
-from fxquant import data, models, train
+from fxquant import checkpoint, data, distributed, models, train
 from fxquant.api import PrepareReport, QATModel, disable_quant, prepare_qat
+from fxquant.checkpoint import CheckpointError, load, save
 from fxquant.errors import FxQuantError, PassError, PrepareError, RecipeError, TraceError
 from fxquant.quantizers import FakeQuantizer, LSQQuantizer, ObserverQuantizer, make_quantizer
 from fxquant.recipe import Recipe, builtin_names, load_recipe
@@ -19,6 +20,7 @@ from fxquant.train import TrainStep, evaluate, fit
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "CheckpointError",
     "FakeQuantizer",
     "FxQuantError",
     "LSQQuantizer",
@@ -34,14 +36,18 @@ __all__ = [
     "TraceError",
     "TrainStep",
     "builtin_names",
+    "checkpoint",
     "data",
     "disable_quant",
+    "distributed",
     "evaluate",
     "fit",
+    "load",
     "load_recipe",
     "make_quantizer",
     "models",
     "prepare_qat",
+    "save",
     "summary",
     "train",
 ]

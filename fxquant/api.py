@@ -38,11 +38,15 @@ class QATModel(nn.Module):
     (None when the model's own forward could not be traced and only its children were).
     """
 
-    def __init__(self, model: nn.Module, recipe: Recipe, report: PrepareReport):
+    def __init__(
+        self, model: nn.Module, recipe: Recipe, report: PrepareReport, prepare_options: dict[str, Any] | None = None
+    ):
         super().__init__()
         self.model = model
         self.recipe = recipe
         self.report = report
+        # How prepare_qat was called besides the recipe (leaf module paths, concrete_args), for fxquant.load.
+        self.prepare_options = prepare_options or {}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -207,7 +211,15 @@ def prepare_qat(
         passes=ctx.records,
         notes=ctx.notes,
     )
-    qmodel = QATModel(root, recipe, report)
+    leaf_paths = sorted(
+        {m for m in leaf_modules if isinstance(m, str)}
+        | {
+            name
+            for name, m in model.named_modules()
+            if any(isinstance(m, t) for t in leaf_modules if isinstance(t, type))
+        }
+    )
+    qmodel = QATModel(root, recipe, report, {"leaf_modules": leaf_paths, "concrete_args": dict(concrete_args or {})})
     if args is not None:
         from fxquant.cost import measure
 

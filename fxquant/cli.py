@@ -1,4 +1,4 @@
-"""The ``fxquant`` command (also ``python -m fxquant``): demo, summary, recipes, validate.
+"""The ``fxquant`` command (also ``python -m fxquant``): demo, train, summary, recipes, validate.
 
 Errors are one line on stderr and a non-zero exit, never a traceback.
 """
@@ -16,17 +16,10 @@ EXIT_USAGE = 2
 
 
 def _model_from_spec(spec: str) -> torch.nn.Module:
-    """``torchvision:NAME`` or ``fxquant:resnet20``."""
-    source, _, name = spec.partition(":")
-    if source == "torchvision" and name:
-        import torchvision
+    """``torchvision:NAME``, ``resnet20``/``mobilenet_v2_small`` (also with an ``fxquant:`` prefix)."""
+    from fxquant.models import build
 
-        return torchvision.models.get_model(name, weights=None)
-    if source == "fxquant" and name == "resnet20":
-        from fxquant.models import resnet20
-
-        return resnet20()
-    raise ValueError(f"unknown model {spec!r}; use torchvision:NAME (e.g. torchvision:resnet18) or fxquant:resnet20")
+    return build(spec)
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -136,6 +129,85 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """QAT (or, with --fp, float training) of a model on Fashion-MNIST with a recipe's [train] table."""
+    from rich.console import Console
+
+    import fxquant
+    from fxquant.data import fashion_mnist
+    from fxquant.train import evaluate, fit
+
+    torch.manual_seed(args.seed)
+    info = fxquant.distributed.setup()
+    console = Console(quiet=not info.is_main)
+    model = _model_from_spec(args.model)
+    if args.init:
+        state = torch.load(args.init, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "format" in state:
+            raise ValueError(f"--init {args.init} is an fxquant checkpoint; --init takes a float state_dict")
+        model.load_state_dict(state)
+    channels = _input_channels(model)
+    train_data = _with_channels(fashion_mnist("train", augment=args.augment, limit=args.train_images), channels)
+    test_data = _with_channels(fashion_mnist("test"), channels)
+    recipe = fxquant.load_recipe(args.recipe)
+    config = {**recipe.train, **{k: v for k, v in _train_overrides(args).items() if v is not None}}
+    example = torch.randn(1, channels, 28, 28)
+    target = model if args.fp else fxquant.prepare_qat(model, recipe, example)
+    label = f"FP32 {args.model}" if args.fp else f"QAT {recipe.name}"
+    start = time.perf_counter()
+    history = fit(target, train_data, test_data, config, description=label, seed=args.seed)
+    seconds = time.perf_counter() - start
+    final = history[-1]
+    if args.out and info.is_main:
+        if args.fp:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), args.out)
+        else:
+            fxquant.save(target, args.out, extra={"epochs": config["epochs"], "test_top1": final.test_top1})
+        console.print(f"saved {args.out}")
+    if args.init and not args.fp:
+        loader = torch.utils.data.DataLoader(test_data, batch_size=512)
+        console.print(f"FP32 from {args.init}: top-1 {evaluate(model, loader)['top1']:.2f}%")
+    console.print(
+        f"{label}: test top-1 {final.test_top1:.2f}% after {config['epochs']} epochs "
+        f"({seconds:.0f} s, {final.images_per_second:.0f} img/s, {info.world_size} process(es))"
+    )
+    return 0
+
+
+def _input_channels(model: torch.nn.Module) -> int:
+    first = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    return first.in_channels if first is not None else 1
+
+
+def _with_channels(data, channels: int):
+    if channels == 1:
+        return data
+    if channels != 3:
+        raise ValueError(
+            f"the model's first convolution takes {channels} channels; Fashion-MNIST gives 1 (or 3 repeated)"
+        )
+    return _RepeatChannels(data)
+
+
+class _RepeatChannels(torch.utils.data.Dataset):
+    """Grayscale images repeated to 3 channels, for torchvision models."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        x, y = self.data[i]
+        return x.expand(3, -1, -1), y
+
+
+def _train_overrides(args: argparse.Namespace) -> dict:
+    return {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxquant", description="Quantization-aware training by graph rewriting.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,11 +222,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     summary = sub.add_parser("summary", help="prepare a model and print its per-layer summary")
-    summary.add_argument("--model", required=True, help="torchvision:NAME or fxquant:resnet20")
+    summary.add_argument("--model", required=True, help="torchvision:NAME, resnet20 or mobilenet_v2_small")
     summary.add_argument("--recipe", default="lsq_w4a4")
     summary.add_argument("--input", default="1,3,224,224", help="example input shape")
     summary.add_argument("--format", choices=("rich", "text", "markdown"), default="rich")
     summary.set_defaults(func=cmd_summary)
+
+    train = sub.add_parser(
+        "train",
+        help="train a model on Fashion-MNIST with a recipe (QAT, or float with --fp); works under torchrun",
+    )
+    train.add_argument("--model", default="resnet20", help="resnet20, mobilenet_v2_small or torchvision:NAME")
+    train.add_argument("--recipe", default="lsq_w4a4", help="built-in name or TOML path ([train] gives epochs, lr...)")
+    train.add_argument("--init", help="float state_dict to start from (e.g. from fxquant train --fp --out ...)")
+    train.add_argument("--fp", action="store_true", help="train the float model (the recipe's [train] table only)")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int, help="global batch (split across torchrun ranks)")
+    train.add_argument("--lr", type=float)
+    train.add_argument("--augment", choices=("none", "standard", "strong"), default="standard")
+    train.add_argument("--train-images", type=int, help="use only the first N training images")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", help="where to save (an fxquant checkpoint; a float state_dict with --fp)")
+    train.set_defaults(func=cmd_train)
 
     recipes = sub.add_parser("recipes", help="list the built-in recipes")
     recipes.set_defaults(func=cmd_recipes)

@@ -34,40 +34,45 @@ class _FakeQuantize(torch.autograd.Function):
     def forward(ctx, x, scale, zero_point, qmin, qmax, ch_axis, grad_factor):
         shape = _broadcast_shape(x, ch_axis)
         s = scale.detach().reshape(shape).to(x.dtype)
-        r = torch.round(x * (1.0 / s))
         z = None
         if zero_point is not None:
             z = zero_point.detach().round().clamp(qmin, qmax).reshape(shape).to(x.dtype)
-            r.add_(z)
-        out = r.clamp(qmin, qmax)
+        inv_s = 1.0 / s
+        out = _rounded(x, inv_s, z).clamp_(qmin, qmax)  # one allocation, then in place
         if z is not None:
             out.sub_(z)
         out.mul_(s)
-        # x is usually kept alive by the op that produced it; r costs one tensor and saves three passes later.
-        ctx.save_for_backward(x, r, s, z)
+        # Only tensors that stay alive anyway are saved: x (its producer or the caller keeps it) and out (the
+        # conv/linear/matmul that consumes it saves it for its own backward), so quantizers add no activation
+        # memory; the mask is recomputed in backward (two elementwise passes).
+        ctx.save_for_backward(x, out, s, inv_s, z)
         ctx.qrange, ctx.ch_axis, ctx.grad_factor = (qmin, qmax), ch_axis, grad_factor
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, r, s, z = ctx.saved_tensors
+        x, out, s, inv_s, z = ctx.saved_tensors
         qmin, qmax = ctx.qrange
+        r = _rounded(x, inv_s, z)
         # r is integer-valued, so the open interval (Qn − ½, Qp + ½) is the closed range [Qn, Qp].
         grad_x = _hardtanh_backward(grad, r, qmin - 0.5, qmax + 0.5)
+        del r
         grad_scale = grad_zero_point = None
         per_step = _PerStepSum(x.dim(), ctx.ch_axis)
         if ctx.needs_input_grad[1]:
-            # Σ grad·((c − z) − m·x/s) = Σ grad·(c − z) − (Σ grad_x·x)/s  (grad_x = m·grad); no temporaries
-            # beyond c, and two fused multiply-reduce passes.
-            levels = r.clamp(qmin, qmax)
-            if z is not None:
-                levels.sub_(z)
-            inv_s = (1.0 / s).reshape(-1)
-            grad_scale = (per_step.dot(grad, levels) - per_step.dot(grad_x, x) * inv_s) * ctx.grad_factor
+            # Σ grad·((c − z) − m·x/s) = (Σ grad·out − Σ grad_x·x) / s, with out = (c − z)·s and grad_x = m·grad:
+            # two fused multiply-reduce passes and no temporaries.
+            grad_scale = (per_step.dot(grad, out) - per_step.dot(grad_x, x)) * (inv_s.reshape(-1) * ctx.grad_factor)
         if z is not None and ctx.needs_input_grad[2]:
             outside = per_step.sum(grad) - per_step.sum(grad_x)
             grad_zero_point = -outside * s.reshape(-1) * ctx.grad_factor
         return grad_x, grad_scale, grad_zero_point, None, None, None, None
+
+
+def _rounded(x: torch.Tensor, inv_s: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+    """round(x/s) + z, as x·(1/s) like torch's kernels (bit-identical results), in one new tensor."""
+    r = torch.mul(x, inv_s).round_()
+    return r if z is None else r.add_(z)
 
 
 class _PerStepSum:
@@ -83,6 +88,10 @@ class _PerStepSum:
     def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.ch_axis is None:
             return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(1)
+        if self.ch_axis == 0 and a.is_contiguous() and b.is_contiguous():
+            # weights (output channels first): one batched dot, no product tensor
+            channels = a.shape[0]
+            return torch.bmm(a.view(channels, 1, -1), b.view(channels, -1, 1)).view(channels)
         return (a * b).sum(self.dims)
 
 

@@ -47,6 +47,10 @@ class FakeQuantizer(nn.Module):
     in a buffer so that it travels with ``state_dict``.
     """
 
+    # Set by fxquant.distributed.initialize_quantizers while it runs: reduces initialisation statistics
+    # across data-parallel ranks, ``reduce(tensor, "sum" | "min" | "max") -> tensor``.
+    reduce_statistics = None
+
     def __init__(
         self,
         config: QuantizerConfig,
@@ -73,11 +77,17 @@ class FakeQuantizer(nn.Module):
 
     @bits.setter
     def bits(self, value: int) -> None:
+        self.set_bits(value)
+
+    def set_bits(self, value: int, keep_range: bool = True) -> None:
+        """Change the width. With ``keep_range`` (what ``q.bits = b`` does) learned steps are rescaled to keep
+        the clipping range; without it the state is taken as already belonging to ``value`` (loading)."""
         check_bits(value)
         old = self._bits
         self._bits = value
         if (
-            old != value
+            keep_range
+            and old != value
             and bool(self.initialized)
             and value not in FULL_PRECISION_BITS
             and old not in FULL_PRECISION_BITS
@@ -115,9 +125,13 @@ class FakeQuantizer(nn.Module):
                 current.data = torch.empty_like(saved, dtype=current.dtype)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def _reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
+        return t if self.reduce_statistics is None else self.reduce_statistics(t, op)
+
     def _decide_sign(self, x: torch.Tensor) -> None:
         if self.signed is None:
-            self.signed_flag.fill_(int(bool((x < 0).any())))
+            negative = self._reduce((x < 0).any().to(torch.int32).reshape(1), "max")
+            self.signed_flag.fill_(int(negative))
 
     def _per_channel_view(self, x: torch.Tensor) -> torch.Tensor:
         """x as (channels, everything else)."""
@@ -170,12 +184,15 @@ class LSQQuantizer(FakeQuantizer):
         qmin, qmax = self.qrange()
         flat = x.detach().reshape(1, -1) if self.ch_axis is None else self._per_channel_view(x)
         if self.learn_offset:
-            lo = flat.min(dim=1).values.clamp(max=0)
-            hi = flat.max(dim=1).values.clamp(min=0)
+            lo = self._reduce(flat.min(dim=1).values, "min").clamp(max=0)
+            hi = self._reduce(flat.max(dim=1).values, "max").clamp(min=0)
             scale = ((hi - lo) / (qmax - qmin)).clamp(min=_EPS)
             zero_point = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
         else:
-            scale = (2 * flat.abs().mean(dim=1) / math.sqrt(qmax)).clamp(min=_EPS)
+            # mean |x| as sum / count, so that data-parallel ranks can add their parts exactly
+            abs_sum = self._reduce(flat.abs().sum(dim=1, dtype=torch.float64), "sum")
+            count = self._reduce(torch.tensor([float(flat.shape[1])], dtype=torch.float64), "sum")
+            scale = (2 * (abs_sum / count).float() / math.sqrt(qmax)).clamp(min=_EPS)
             zero_point = torch.zeros_like(scale)
         self.scale.data = scale.to(self.scale.dtype)
         self.zero_point.data = zero_point.to(self.scale.dtype)
@@ -268,6 +285,8 @@ class ObserverQuantizer(FakeQuantizer):
         if self.observing and (self.training or not bool(self.initialized)):
             self._decide_sign(x)
             self.observer(x.detach())
+            if self.reduce_statistics is not None:
+                _ao.reduce_observed_range(self.observer, self.reduce_statistics)
             self._update_qparams()
         elif not bool(self.initialized):
             return x

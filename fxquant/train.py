@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
+from fxquant import distributed
 from fxquant.quantizers import FakeQuantizer
 
 TRAIN_DEFAULTS: dict[str, Any] = {
@@ -113,7 +114,8 @@ class TrainStep:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable) -> dict[str, float]:
-    """Top-1 accuracy (%) and mean cross-entropy of ``model`` in eval mode.
+    """Top-1 accuracy (%) and mean cross-entropy of ``model`` in eval mode. Under torch.distributed, give
+    each rank its own shard of the data: the counts are summed across ranks.
 
     Example usage::
 
@@ -121,13 +123,14 @@ def evaluate(model: nn.Module, loader: Iterable) -> dict[str, float]:
     """
     was_training = model.training
     model.eval()
-    correct, total, loss = 0, 0, 0.0
+    sums = torch.zeros(3, dtype=torch.float64)  # correct, total, summed loss
     for x, y in loader:
         logits = model(x)
-        loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-        total += len(y)
+        sums[0] += int((logits.argmax(1) == y).sum())
+        sums[1] += len(y)
+        sums[2] += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
     model.train(was_training)
+    correct, total, loss = distributed.all_reduce(sums).tolist()
     return {"top1": 100.0 * correct / max(total, 1), "loss": loss / max(total, 1)}
 
 
@@ -160,10 +163,17 @@ def fit(
     config: dict[str, Any] | None = None,
     progress: bool = True,
     description: str = "train",
+    *,
+    seed: int = 0,
+    distributed_mode: str = "auto",
 ) -> list[EpochRecord]:
     """Train ``model`` for ``config["epochs"]`` epochs (a recipe's ``[train]`` table), evaluating each epoch.
 
-    ``train_data``/``test_data`` are datasets or DataLoaders. Returns one record per epoch.
+    ``train_data``/``test_data`` are datasets (or, single-process only, DataLoaders). ``batch_size`` is the
+    global batch: under ``torchrun --nproc_per_node N`` each rank takes ``batch_size / N`` samples of a
+    distributed sampler, gradients are averaged by ``DistributedDataParallel``, quantizers are initialised
+    identically on every rank (:func:`fxquant.distributed.initialize_quantizers`), evaluation is sharded,
+    and only rank 0 shows progress. Returns one record per epoch (the same on every rank).
 
     Example usage::
 
@@ -171,17 +181,28 @@ def fit(
                               qmodel.recipe.train)
     """
     config = {**TRAIN_DEFAULTS, **(config or {})}
-    train_loader = _loader(train_data, config["batch_size"], shuffle=True)
-    test_loader = _loader(test_data, 512, shuffle=False) if test_data is not None else None
+    info = distributed.setup(distributed_mode)
+    train_loader = _loader(train_data, config["batch_size"], True, seed, info)
+    test_loader = _loader(test_data, 512, False, seed, info) if test_data is not None else None
+    if len(train_loader) == 0:
+        raise ValueError(
+            f"the training data ({len(train_loader.dataset)} samples) is smaller than one batch "
+            f"({config['batch_size']}); lower batch_size"
+        )
+    first_x, _ = next(iter(train_loader))
+    distributed.initialize_quantizers(model, first_x)
     optimizer = make_optimizer(model, config)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     criterion = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
-    step = TrainStep(model, optimizer, criterion)
+    trained = nn.parallel.DistributedDataParallel(model) if info.enabled else model
+    step = TrainStep(trained, optimizer, criterion)
     history: list[EpochRecord] = []
-    bar = _progress() if progress else None
+    bar = _progress() if progress and info.is_main else None
     with bar or contextlib.nullcontext():
         task = bar.add_task(description, total=config["epochs"] * len(train_loader)) if bar else None
         for epoch in range(config["epochs"]):
+            if isinstance(getattr(train_loader, "sampler", None), DistributedSampler):
+                train_loader.sampler.set_epoch(epoch)
             start, seen, loss_sum, acc_sum = time.perf_counter(), 0, 0.0, 0.0
             for i, (x, y) in enumerate(train_loader):
                 scale = lr_at(epoch + i / len(train_loader), config)
@@ -192,7 +213,7 @@ def fit(
                 loss_sum += metrics["loss"] * len(y)
                 acc_sum += metrics["acc"] * len(y)
                 if bar:
-                    rate = seen / (time.perf_counter() - start)
+                    rate = seen * info.world_size / (time.perf_counter() - start)
                     bar.update(
                         task,
                         advance=1,
@@ -202,16 +223,17 @@ def fit(
                         ),
                     )
             seconds = time.perf_counter() - start
+            totals = distributed.all_reduce(torch.tensor([seen, loss_sum, acc_sum], dtype=torch.float64)).tolist()
             result = evaluate(model, test_loader) if test_loader is not None else {"top1": None, "loss": None}
             history.append(
                 EpochRecord(
                     epoch + 1,
-                    loss_sum / seen,
-                    100 * acc_sum / seen,
+                    totals[1] / totals[0],
+                    100 * totals[2] / totals[0],
                     result["top1"],
                     result["loss"],
                     seconds,
-                    seen / seconds,
+                    totals[0] / seconds,
                 )
             )
             if bar and result["top1"] is not None:
@@ -219,11 +241,25 @@ def fit(
     return history
 
 
-def _loader(data: Any, batch_size: int, shuffle: bool) -> DataLoader:
+def _loader(data: Any, batch_size: int, shuffle: bool, seed: int, info: distributed.DistInfo) -> DataLoader:
     if isinstance(data, DataLoader):
+        if info.enabled:
+            raise ValueError(
+                "under torch.distributed, fit needs datasets (it builds per-rank samplers), not DataLoaders"
+            )
         return data
-    generator = torch.Generator().manual_seed(0)
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=shuffle)
+    if not shuffle and not info.enabled:
+        return DataLoader(data, batch_size=batch_size, shuffle=False)
+    if batch_size % info.world_size:
+        raise ValueError(f"batch_size {batch_size} is the global batch: it must divide by the {info.world_size} ranks")
+    if shuffle:
+        # The same sampler for one process (a world of 1): a run sees the same global batches whatever the
+        # number of ranks, so a single-process run is the reference of a data-parallel one.
+        sampler = DistributedSampler(data, info.world_size, info.rank, shuffle=True, seed=seed, drop_last=True)
+        return DataLoader(data, batch_size=batch_size // info.world_size, sampler=sampler, drop_last=True)
+    # evaluation: disjoint shards (no padding duplicates), counts summed by evaluate()
+    shard = torch.utils.data.Subset(data, range(info.rank, len(data), info.world_size))
+    return DataLoader(shard, batch_size=batch_size, shuffle=False)
 
 
 def _progress():

@@ -8,7 +8,8 @@ import torch
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_quick_start_runs():
+def test_quick_start_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the example saves a checkpoint
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks, "README has no python example"
     loader = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))]
@@ -16,3 +17,4 @@ def test_quick_start_runs():
     exec(compile(blocks[0], "README.md", "exec"), namespace)
     assert set(namespace["metrics"]) >= {"loss", "acc"}
     assert namespace["float_logits"].shape == (4, 10)
+    assert (tmp_path / "resnet18_w4a4.pt").is_file()

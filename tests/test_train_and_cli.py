@@ -83,3 +83,27 @@ def test_cli_summary_and_recipes(capsys):
     assert "conv1 [first]" in capsys.readouterr().out
     assert main(["recipes"]) == 0
     assert "lsq_w4a4" in capsys.readouterr().out
+
+
+def test_cli_train_fp_then_qat_then_reload(tiny_fashion, tmp_path, capsys):
+    fp_path, q_path = tmp_path / "fp.pt", tmp_path / "q.pt"
+    common = ["--model", "resnet20", "--epochs", "1", "--batch-size", "8", "--augment", "none"]
+    assert main(["train", "--fp", *common, "--out", str(fp_path)]) == 0
+    assert main(["train", *common, "--recipe", "lsq_w4a4", "--init", str(fp_path), "--out", str(q_path)]) == 0
+    out = capsys.readouterr().out
+    assert "FP32 resnet20: test top-1" in out and "QAT lsq_w4a4: test top-1" in out
+    qmodel = fxquant.load(q_path, resnet20())
+    assert qmodel.recipe.name == "lsq_w4a4"
+    assert fxquant.checkpoint.read(q_path)["extra"]["epochs"] == 1
+    # an fxquant checkpoint is not a float init: one clear line
+    assert main(["train", *common, "--init", str(q_path)]) == 2
+    assert "float state_dict" in capsys.readouterr().err
+
+
+def test_fit_history_and_global_batch(tiny_fashion):
+    qmodel = fxquant.prepare_qat(resnet20(), "lsq_w4a4")
+    data = fashion_mnist("train")
+    history = fxquant.fit(qmodel, data, data, {"epochs": 2, "batch_size": 8, "lr": 0.01}, progress=False)
+    assert [h.epoch for h in history] == [1, 2]
+    assert all(0 <= h.test_top1 <= 100 and h.images_per_second > 0 for h in history)
+    assert all(bool(q.initialized) for q in qmodel.quantizers().values())

@@ -1,0 +1,156 @@
+"""Accuracy table: FP vs QAT recipes on real Fashion-MNIST, every QAT run fine-tuned from the same FP checkpoint.
+
+This is the table every method adds rows to: a row is a recipe (``lsq_w4a4``, later ``cr_w2a2``, ``saq_w4a4``...),
+trained with the same data, epochs and seeds, so rows differ only by what the recipe declares.
+
+    python benchmarks/accuracy.py --quick                       # ≤ 15 min on 2 cores
+    python benchmarks/accuracy.py                               # full preset
+    python benchmarks/accuracy.py --quick --recipes lsq_w2a2 --seeds 0,1,2 --model mobilenet_v2_small
+
+The FP checkpoint is cached under .fxquant_cache/ (keyed by model, preset and seed). Writes
+benchmarks/results/accuracy_<model>_<preset>.md and .json; the JSON keeps every run, so tables can be merged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+import fxquant
+from fxquant.data import fashion_mnist
+from fxquant.train import evaluate, fit
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CACHE = Path(".fxquant_cache")
+
+PRESETS = {
+    # train images, FP epochs, QAT epochs
+    "quick": {"train_images": 20000, "fp_epochs": 3, "qat_epochs": 2},
+    "full": {"train_images": 60000, "fp_epochs": 15, "qat_epochs": 6},
+}
+DEFAULT_RECIPES = "lsq_w4a4,lsq_w3a3,lsq_w2a2"
+FP_CONFIG = {"lr": 0.1, "weight_decay": 5e-4, "batch_size": 128, "schedule": "cosine"}
+
+
+def fp_checkpoint(model_name: str, preset: str, seed: int, train_data) -> tuple[torch.nn.Module, float]:
+    """The FP model of this preset and seed, trained once and cached. Returns (model, seconds spent training)."""
+    settings = PRESETS[preset]
+    path = CACHE / f"{model_name}_fp_{preset}_{settings['train_images']}x{settings['fp_epochs']}_seed{seed}.pt"
+    torch.manual_seed(seed)
+    model = fxquant.models.build(model_name)
+    if path.is_file():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model, 0.0
+    start = time.perf_counter()
+    fit(
+        model,
+        train_data,
+        None,
+        {**FP_CONFIG, "epochs": settings["fp_epochs"]},
+        description=f"FP32 seed {seed}",
+        seed=seed,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model, time.perf_counter() - start
+
+
+def run_recipe(recipe: str, fp_model, train_data, test_data, epochs: int, seed: int) -> dict:
+    torch.manual_seed(seed)
+    qmodel = fxquant.prepare_qat(fp_model, recipe, torch.randn(1, 1, 28, 28))
+    config = {**qmodel.recipe.train, "epochs": epochs}
+    start = time.perf_counter()
+    history = fit(qmodel, train_data, None, config, description=f"{recipe} seed {seed}", seed=seed)
+    seconds = time.perf_counter() - start
+    result = evaluate(qmodel, torch.utils.data.DataLoader(test_data, batch_size=512))
+    return {
+        "recipe": recipe,
+        "seed": seed,
+        "wbits": qmodel.recipe.quant.weight.bits,
+        "abits": qmodel.recipe.quant.activation.bits,
+        "top1": result["top1"],
+        "seconds": seconds,
+        "images_per_second": statistics.mean(h.images_per_second for h in history),
+    }
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the ≤ 15 min preset (default: full)")
+    parser.add_argument("--recipes", default=DEFAULT_RECIPES)
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--model", default="resnet20", choices=sorted(fxquant.models.MODELS))
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    preset = "quick" if args.quick else "full"
+    settings = PRESETS[preset]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    recipes = args.recipes.split(",")
+    for recipe in recipes:  # fail on a typo before an hour of training
+        fxquant.load_recipe(recipe)
+
+    train_data = fashion_mnist("train", augment="standard", limit=settings["train_images"])
+    test_data = fashion_mnist("test")
+    test_loader = torch.utils.data.DataLoader(test_data, batch_size=512)
+    runs, fp_runs = [], []
+    for seed in seeds:
+        fp_model, fp_seconds = fp_checkpoint(args.model, preset, seed, train_data)
+        fp_runs.append({"seed": seed, "top1": evaluate(fp_model, test_loader)["top1"], "seconds": fp_seconds})
+        for recipe in recipes:
+            run = run_recipe(recipe, fp_model, train_data, test_data, settings["qat_epochs"], seed)
+            runs.append(run)
+            print(f"{recipe} seed {seed}: top-1 {run['top1']:.2f}% (FP {fp_runs[-1]['top1']:.2f}%)", flush=True)
+
+    fp_top1 = [r["top1"] for r in fp_runs]
+    lsq_speed = {r["seed"]: r["images_per_second"] for r in runs if r["recipe"] == "lsq_w4a4"}
+    rows = [["FP32", "32/32", _mean_std(fp_top1), "—", "—"]]
+    for recipe in recipes:
+        mine = [r for r in runs if r["recipe"] == recipe]
+        deltas = [r["top1"] - fp["top1"] for r, fp in zip(mine, fp_runs)]
+        cost = [lsq_speed[r["seed"]] / r["images_per_second"] for r in mine if r["seed"] in lsq_speed]
+        rows.append(
+            [
+                recipe,
+                f"{mine[0]['wbits']}/{mine[0]['abits']}",
+                _mean_std([r["top1"] for r in mine]),
+                _mean_std(deltas),
+                f"{statistics.mean(cost):.2f}" if cost else "—",
+            ]
+        )
+    table = tabulate(
+        rows, headers=["recipe", "W/A bits", "top-1 %", "Δ vs FP (pt)", "step cost × lsq_w4a4"], tablefmt="github"
+    )
+    command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
+    text = (
+        f"# Accuracy: Fashion-MNIST {args.model}, preset {preset}\n\n"
+        f"Command: `{command.strip()}`; torch {torch.__version__}, {torch.get_num_threads()} threads. "
+        f"{settings['train_images']} training images (standard augmentation), FP {settings['fp_epochs']} epochs "
+        f"(SGD lr 0.1, cosine), every QAT row {settings['qat_epochs']} epochs from that FP checkpoint with its "
+        f"recipe's [train] table; test set 10,000 images; seeds {args.seeds} (mean ± std when several).\n\n"
+        f"{table}\n"
+    )
+    RESULTS.mkdir(exist_ok=True)
+    stem = f"accuracy_{args.model}_{preset}"
+    (RESULTS / f"{stem}.md").write_text(text)
+    (RESULTS / f"{stem}.json").write_text(
+        json.dumps({"command": command, "settings": settings, "fp": fp_runs, "runs": runs}, indent=1)
+    )
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
