@@ -35,7 +35,12 @@ PRESETS = {
     "quick": {"train_images": 20000, "fp_epochs": 3, "qat_epochs": 2},
     "full": {"train_images": 60000, "fp_epochs": 15, "qat_epochs": 6},
 }
-DEFAULT_RECIPES = "lsq_w4a4,lsq_w3a3,lsq_w2a2"
+# Named groups of rows (a comma-separated list of recipes works too).
+GROUPS = {
+    "lsq": "lsq_w4a4,lsq_w3a3,lsq_w2a2",
+    "features": "lsq_w4a4,cr_w4a4,fpq_w4a4,mec_w4a4,lsq_w2a2,cr_w2a2,fpq_w2a2,mec_w2a2,fpq_cr_w2a2",
+}
+DEFAULT_RECIPES = "lsq"
 FP_CONFIG = {"lr": 0.1, "weight_decay": 5e-4, "batch_size": 128, "schedule": "cosine"}
 
 
@@ -90,7 +95,8 @@ def _mean_std(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the ≤ 15 min preset (default: full)")
-    parser.add_argument("--recipes", default=DEFAULT_RECIPES)
+    parser.add_argument("--recipes", default=DEFAULT_RECIPES, help=f"recipes, or a group: {', '.join(GROUPS)}")
+    parser.add_argument("--tag", default="", help="suffix of the result files (to keep several tables)")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--model", default="resnet20", choices=sorted(fxquant.models.MODELS))
     parser.add_argument("--threads", type=int, default=2)
@@ -99,7 +105,7 @@ def main() -> None:
     preset = "quick" if args.quick else "full"
     settings = PRESETS[preset]
     seeds = [int(s) for s in args.seeds.split(",")]
-    recipes = args.recipes.split(",")
+    recipes = GROUPS.get(args.recipes, args.recipes).split(",")
     for recipe in recipes:  # fail on a typo before an hour of training
         fxquant.load_recipe(recipe)
 
@@ -116,12 +122,14 @@ def main() -> None:
             print(f"{recipe} seed {seed}: top-1 {run['top1']:.2f}% (FP {fp_runs[-1]['top1']:.2f}%)", flush=True)
 
     fp_top1 = [r["top1"] for r in fp_runs]
-    lsq_speed = {r["seed"]: r["images_per_second"] for r in runs if r["recipe"] == "lsq_w4a4"}
+    speed = {(r["recipe"], r["seed"]): r["images_per_second"] for r in runs}
     rows = [["FP32", "32/32", _mean_std(fp_top1), "—", "—"]]
     for recipe in recipes:
         mine = [r for r in runs if r["recipe"] == recipe]
         deltas = [r["top1"] - fp["top1"] for r, fp in zip(mine, fp_runs)]
-        cost = [lsq_speed[r["seed"]] / r["images_per_second"] for r in mine if r["seed"] in lsq_speed]
+        # cost relative to plain LSQ at the same widths (lsq_w2a2 for cr_w2a2), when it ran too
+        base = "lsq_" + recipe.rsplit("_", 1)[-1]
+        cost = [speed[(base, r["seed"])] / r["images_per_second"] for r in mine if (base, r["seed"]) in speed]
         rows.append(
             [
                 recipe,
@@ -132,7 +140,9 @@ def main() -> None:
             ]
         )
     table = tabulate(
-        rows, headers=["recipe", "W/A bits", "top-1 %", "Δ vs FP (pt)", "step cost × lsq_w4a4"], tablefmt="github"
+        rows,
+        headers=["recipe", "W/A bits", "top-1 %", "Δ vs FP (pt)", "time per image × LSQ same bits"],
+        tablefmt="github",
     )
     command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
     text = (
@@ -144,7 +154,7 @@ def main() -> None:
         f"{table}\n"
     )
     RESULTS.mkdir(exist_ok=True)
-    stem = f"accuracy_{args.model}_{preset}"
+    stem = f"accuracy_{args.model}_{preset}" + (f"_{args.tag}" if args.tag else "")
     (RESULTS / f"{stem}.md").write_text(text)
     (RESULTS / f"{stem}.json").write_text(
         json.dumps({"command": command, "settings": settings, "fp": fp_runs, "runs": runs}, indent=1)

@@ -17,6 +17,7 @@ from fxquant.errors import PrepareError, RecipeError, TraceError
 from fxquant.passes import PREPARE_PASSES, LayerRecord, PassContext, PassRecord, run_passes, trace_model
 from fxquant.quantizers import FakeQuantizer
 from fxquant.recipe import Recipe, load_recipe
+from fxquant.taps import TapStore
 
 
 @dataclass
@@ -47,6 +48,11 @@ class QATModel(nn.Module):
         self.report = report
         # How prepare_qat was called besides the recipe (leaf module paths, concrete_args), for fxquant.load.
         self.prepare_options = prepare_options or {}
+        self.taps = TapStore()  # replaced by prepare_qat with the store its taps record into
+        # Plain attributes, not submodules: the teacher's weights must not reach state_dict, the optimizer
+        # or DistributedDataParallel.
+        self.__dict__["teacher"] = None
+        self.__dict__["losses"] = []
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -146,6 +152,7 @@ def prepare_qat(
     *,
     leaf_modules: Sequence[str | type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
+    teacher: nn.Module | bool | None = None,
     **overrides: Any,
 ) -> QATModel:
     """Trace ``model``, insert fake quantizers as ``recipe`` says, and return a QATModel.
@@ -155,12 +162,49 @@ def prepare_qat(
     one tensor) are checked against the model and give the summary its shapes and BOPs. ``leaf_modules``
     (paths or types) stay whole and in float. The input model is not modified.
 
+    The recipe's ``[taps]`` and ``[[loss]]`` tables add feature taps (``qmodel.taps``), FPQ's perturbation
+    nodes and the loss objects the training step runs (``qmodel.losses``). Losses that distil from the FP
+    model get ``qmodel.teacher``: ``teacher`` (a float model) prepared with the same taps and its quantizers
+    off, by default the input ``model`` itself; ``teacher=False`` refuses one (then such a recipe is an error).
+
     Example usage::
 
         qmodel = fxquant.prepare_qat(torchvision.models.resnet18(), "lsq_w4a4", torch.randn(1, 3, 224, 224))
         loss = qmodel(x).logsumexp(1).mean(); loss.backward()
     """
+    from fxquant.losses import build_losses, feature_plan
+
     recipe = load_recipe(recipe, overrides or None)
+    selectors, perturb = feature_plan(recipe)
+    losses = build_losses(recipe)
+    fp_needed = [loss.name for loss in losses if loss.teacher_kind == "fp"]
+    if fp_needed and teacher is False:
+        raise RecipeError(
+            recipe.source, "loss", f"{', '.join(fp_needed)} distil from the FP model, but teacher=False was given"
+        )
+    qmodel = _prepare(model, recipe, example_inputs, leaf_modules, concrete_args, selectors, perturb)
+    qmodel.__dict__["losses"] = losses
+    if fp_needed:
+        source = model if teacher is None or teacher is True else teacher
+        fp = _prepare(source, recipe, None, leaf_modules, concrete_args, selectors, None)
+        for q in fp.quantizers().values():
+            q.enabled = False
+        fp.eval()
+        for p in fp.parameters():
+            p.requires_grad_(False)
+        qmodel.__dict__["teacher"] = fp
+    return qmodel
+
+
+def _prepare(
+    model: nn.Module,
+    recipe: Recipe,
+    example_inputs: Any,
+    leaf_modules: Sequence[str | type[nn.Module]],
+    concrete_args: dict[str, Any] | None,
+    selectors: dict[str, str],
+    perturb: tuple[float, str] | None,
+) -> QATModel:
     args = _as_args(example_inputs)
     model = copy.deepcopy(model)
     mode = model.training
@@ -188,7 +232,9 @@ def prepare_qat(
 
     order = [name for name, _ in model.named_modules()]
     ends = _ends(traced.pieces, order)
-    ctx = PassContext(recipe=recipe, keep_float=frozenset(traced.user_leaves))
+    ctx = PassContext(recipe=recipe, keep_float=frozenset(traced.user_leaves), tap_selectors=selectors)
+    if perturb is not None:
+        ctx.perturb_p, ctx.perturb_type = perturb
     prepared: dict[str, fx.GraphModule] = {}
     for path in sorted(traced.pieces, key=order.index):
         ctx.piece = path
@@ -200,6 +246,16 @@ def prepare_qat(
         names = sorted({f"{r.name} ({r.op})" for r in ctx.layers.values()})
         shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
         raise RecipeError(recipe.source, f"{unmatched[0].key_path}.match", f"matches no layer; layers: {shown}")
+
+    empty = [name for name in selectors if not ctx.tap_matches.get(name)]
+    if empty:
+        names = sorted({f"{r.name} ({r.op})" for r in ctx.layers.values()})[:30]
+        key = f"taps.{empty[0]}" if empty[0] in recipe.taps else "loss"
+        raise RecipeError(
+            recipe.source,
+            key,
+            f"tap selector {selectors[empty[0]]!r} matches nothing in this model; quantized layers: {', '.join(names)}",
+        )
 
     root = prepared.pop("", model)
     for path, gm in prepared.items():
@@ -220,6 +276,7 @@ def prepare_qat(
         }
     )
     qmodel = QATModel(root, recipe, report, {"leaf_modules": leaf_paths, "concrete_args": dict(concrete_args or {})})
+    qmodel.taps = ctx.tap_store
     if args is not None:
         from fxquant.cost import measure
 

@@ -98,9 +98,11 @@ def load(
     example_inputs: Any = None,
     *,
     concrete_args: dict[str, Any] | None = None,
+    teacher: nn.Module | bool | None = None,
 ) -> QATModel:
     """Re-prepare ``model`` (the float architecture; its weights are replaced) with the recipe stored in
-    ``path`` and load the saved state. ``concrete_args`` must be given again if prepare_qat had them.
+    ``path`` and load the saved state. ``concrete_args`` must be given again if prepare_qat had them; a recipe
+    whose losses distil from the FP model needs that model as ``teacher`` to go on training.
 
     Example usage::
 
@@ -113,7 +115,12 @@ def load(
         )
     recipe = Recipe.from_dict(tomllib.loads(payload["recipe_toml"]), f"{path} (saved from {payload['recipe_source']})")
     qmodel = prepare_qat(
-        model, recipe, example_inputs, leaf_modules=payload["leaf_modules"], concrete_args=concrete_args
+        model,
+        recipe,
+        example_inputs,
+        leaf_modules=payload["leaf_modules"],
+        concrete_args=concrete_args,
+        teacher=teacher,
     )
     quantizers = qmodel.quantizers()
     missing = sorted(set(payload["quantizers"]) - set(quantizers))

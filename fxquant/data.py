@@ -109,6 +109,20 @@ def augment_image(image: torch.Tensor, kind: str, generator: torch.Generator | N
     return out
 
 
+def augment_batch(x: torch.Tensor, kind: str = "strong", generator: torch.Generator | None = None) -> torch.Tensor:
+    """An independently augmented copy of every image of a (N, C, H, W) batch (see :func:`augment_image`).
+
+    Example usage::
+
+        second_view = augment_batch(x, "strong")
+    """
+    if kind not in AUGMENTS or kind == "none":
+        raise ValueError(f"batch augmentation must be 'standard' or 'strong', got {kind!r}")
+    if x.dim() != 4:
+        raise ValueError(f"augment_batch expects (N, C, H, W) images, got shape {tuple(x.shape)}")
+    return torch.stack([augment_image(image, kind, generator) for image in x])
+
+
 def fashion_mnist(
     split: str = "train", root: str | Path | None = None, augment: str = "none", limit: int | None = None
 ) -> FashionMNIST:

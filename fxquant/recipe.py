@@ -76,6 +76,16 @@ class Recipe:
     def train(self) -> dict[str, Any]:
         return dict(self.data.get("train", {}))
 
+    @property
+    def taps(self) -> dict[str, str]:
+        """``[taps]``: tap name → selector."""
+        return dict(self.data.get("taps", {}))
+
+    @property
+    def losses(self) -> list[dict[str, Any]]:
+        """``[[loss]]``: one table per auxiliary loss, with its ``kind``."""
+        return [dict(loss) for loss in self.data.get("loss", [])]
+
     def to_toml(self) -> str:
         """The merged recipe as TOML text (``extends`` resolved), for saving next to a checkpoint."""
         return dumps_toml(self.data)

@@ -39,6 +39,15 @@ class TableList:
     doc: str = ""
 
 
+@dataclass(frozen=True)
+class TaggedTableList:
+    """``[[x]]`` tables whose valid keys depend on one tag key (``kind``): each variant is a Table."""
+
+    tag: str
+    variants: dict[str, Table]
+    doc: str = ""
+
+
 def _bits_check(value: Any) -> str | None:
     try:
         check_bits(value)
@@ -100,6 +109,75 @@ TRAIN = Table(
     }
 )
 
+
+def _probability(value: Any) -> str | None:
+    return None if 0 <= value <= 1 else f"must be in [0, 1], got {value}"
+
+
+def _decay(value: Any) -> str | None:
+    return None if 0 < value < 1 else f"must be in (0, 1), got {value}"
+
+
+def _selector(value: Any) -> str | None:
+    from fxquant.taps import parse_selector
+
+    try:
+        parse_selector(value)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+NUMBER = (float, int)
+LOSS_COMMON = {
+    "weight": Key(NUMBER, check=_non_negative, doc="multiplies the term (default 1)"),
+    "ramp_epochs": Key(NUMBER, check=_non_negative, doc="sigmoid ramp-up of the weight over these epochs"),
+}
+LOSS_KINDS = {
+    "kd": Table({**LOSS_COMMON, "T": Key(NUMBER, check=_positive, doc="temperature (default 4)")}),
+    "dkd": Table(
+        {
+            **LOSS_COMMON,
+            "T": Key(NUMBER, check=_positive, doc="temperature (default 4)"),
+            "alpha": Key(NUMBER, check=_non_negative, doc="TCKD weight (default 1)"),
+            "beta": Key(NUMBER, check=_non_negative, doc="NCKD weight (default 8)"),
+        }
+    ),
+    "consistency": Table(
+        {
+            **LOSS_COMMON,
+            "teacher": Key((str,), choices=("ema", "fp"), doc="EMA of the student (default) or the FP model"),
+            "ema_decay": Key(NUMBER, check=_decay, doc="default 0.999"),
+            "T": Key(NUMBER, check=_positive, doc="temperature of the logit KL (default 1)"),
+            "logits": Key((bool,), doc="KL between softened logits (default true)"),
+            "tap": Key((str,), doc="a tap name or selector for an extra feature MSE"),
+            "feature_weight": Key(NUMBER, check=_non_negative, doc="weight of the feature MSE (default 1)"),
+        }
+    ),
+    "fpq": Table(
+        {
+            **LOSS_COMMON,
+            "p": Key(NUMBER, check=_probability, doc="perturbation probability per layer per forward (0.1)"),
+            "layers": Key((str,), doc="op type perturbed and distilled (default Conv2d)"),
+            "csd": Key((bool,), doc="channel-wise standardization distillation (default true)"),
+            "normalize": Key((str,), choices=("mean", "batch", "sum"), doc="per-layer reduction (mean)"),
+            "eps": Key(NUMBER, check=_positive, doc="variance epsilon (1e-5)"),
+        }
+    ),
+    "mec": Table(
+        {
+            **LOSS_COMMON,
+            "tap": Key((str,), doc="feature tap name or selector (default penultimate)"),
+            "eps2": Key(NUMBER, check=_positive, doc="distortion ε² (default 64)"),
+            "order": Key((int,), check=_positive, doc="Taylor order K (default 4)"),
+            "experts": Key((int,), check=_positive, doc="channel-group experts (default 1 = plain MEC)"),
+            "lambda_warmup_epochs": Key(NUMBER, check=_non_negative, doc="λ⁻¹ from 8/λ to 1/λ (default 1)"),
+        }
+    ),
+}
+for _kind, _table in LOSS_KINDS.items():
+    _table.keys["kind"] = Key((str,), choices=(_kind,))
+
 SCHEMA = Table(
     {
         "name": Key((str,)),
@@ -117,6 +195,8 @@ SCHEMA = Table(
             }
         ),
         "train": TRAIN,
+        "taps": Table({}, open=True, values=Key((str,), check=_selector), doc="tap name = selector"),
+        "loss": TaggedTableList("kind", LOSS_KINDS),
     }
 )
 
@@ -126,7 +206,7 @@ def type_name(types: tuple[type, ...]) -> str:
     return " or ".join(names.get(t, t.__name__) for t in types)
 
 
-def validate(data: Any, schema: Table | TableList | Key, source: str, path: str = "") -> None:
+def validate(data: Any, schema: Table | TableList | TaggedTableList | Key, source: str, path: str = "") -> None:
     """Raise RecipeError at the first value of ``data`` that does not fit ``schema``.
 
     Example usage::
@@ -135,11 +215,21 @@ def validate(data: Any, schema: Table | TableList | Key, source: str, path: str 
     """
     if isinstance(schema, Key):
         _validate_key(data, schema, source, path)
-    elif isinstance(schema, TableList):
+    elif isinstance(schema, (TableList, TaggedTableList)):
         if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
             raise RecipeError(source, path, "must be an array of tables ([[...]] in TOML)")
         for i, item in enumerate(data):
-            validate(item, schema.item, source, f"{path}[{i}]")
+            if isinstance(schema, TableList):
+                validate(item, schema.item, source, f"{path}[{i}]")
+                continue
+            tag = item.get(schema.tag)
+            if tag not in schema.variants:
+                kinds = sorted(schema.variants)
+                suggestion = closest(tag, kinds) if isinstance(tag, str) else None
+                raise RecipeError(
+                    source, f"{path}[{i}].{schema.tag}", f"must be one of {', '.join(kinds)}; got {tag!r}", suggestion
+                )
+            validate(item, schema.variants[tag], source, f"{path}[{i}]")
     else:
         if not isinstance(data, dict):
             raise RecipeError(source, path, "must be a table")
@@ -168,7 +258,7 @@ def _validate_key(value: Any, key: Key, source: str, path: str) -> None:
             raise RecipeError(source, path, problem)
 
 
-def describe(schema: Table | TableList | Key = SCHEMA, path: str = "") -> list[tuple[str, str]]:
+def describe(schema: Table | TableList | TaggedTableList | Key = SCHEMA, path: str = "") -> list[tuple[str, str]]:
     """Every key path of the schema with what it accepts."""
     if isinstance(schema, Key):
         text = type_name(schema.types)
@@ -179,6 +269,8 @@ def describe(schema: Table | TableList | Key = SCHEMA, path: str = "") -> list[t
         return [(path, text)]
     if isinstance(schema, TableList):
         return describe(schema.item, f"{path}[]")
+    if isinstance(schema, TaggedTableList):
+        return [row for kind, table in schema.variants.items() for row in describe(table, f"{path}[kind={kind}]")]
     rows: list[tuple[str, str]] = []
     for key, sub in schema.keys.items():
         rows.extend(describe(sub, f"{path}.{key}" if path else key))

@@ -19,6 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from fxquant import distributed
+from fxquant.data import augment_batch
+from fxquant.losses import AuxLoss, Forward, LossInputs
 from fxquant.quantizers import FakeQuantizer
 
 TRAIN_DEFAULTS: dict[str, Any] = {
@@ -71,16 +73,20 @@ def make_optimizer(model: nn.Module, config: dict[str, Any]) -> torch.optim.Opti
 
 
 class TrainStep:
-    """One optimisation step per call: forward, loss, backward, optimizer step. Returns metrics.
+    """One optimisation step per call: the views, forwards and losses the model's recipe declares, backward,
+    optimizer step. Returns a dict of metrics (one per loss term, plus ``loss`` and ``acc``).
 
-    Later methods plug in through the hooks rather than by rewriting the step: ``extra_losses`` are
-    callables ``(step, x, y, logits) -> dict[name, tensor]`` added to the loss.
+    ``teacher`` (default ``qmodel.teacher``) is the FP teacher of distilling losses; ``losses`` (default
+    ``qmodel.losses``) the auxiliary losses; ``extra_losses`` are callables ``(step, x, y, logits) -> dict``
+    added to the loss. A batch is ``(x, y)`` or ``(x, x2, y)``: when a loss needs a second view and the batch
+    has none, it is made from ``x`` with :func:`fxquant.data.augment_batch` (strong augmentation).
+    ``progress`` (fractional epochs, set by ``fit``) drives ramp-ups.
 
     Example usage::
 
         step = fxquant.TrainStep(qmodel, optimizer)
         for x, y in loader:
-            metrics = step(x, y)      # {"loss": ..., "ce": ..., "acc": ...}
+            metrics = step(x, y)      # {"ce": ..., "fpq.csd": ..., "loss": ..., "acc": ...}
     """
 
     def __init__(
@@ -88,28 +94,82 @@ class TrainStep:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        teacher: nn.Module | None = None,
+        losses: Iterable[AuxLoss] | None = None,
         extra_losses: Iterable[Callable[..., dict[str, torch.Tensor]]] = (),
     ):
         self.model = model
+        self.student = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self.optimizer = optimizer
         self.criterion = criterion or nn.CrossEntropyLoss()
+        self.losses = list(losses) if losses is not None else list(getattr(self.student, "losses", []))
+        self.teacher = teacher if teacher is not None else getattr(self.student, "teacher", None)
         self.extra_losses = list(extra_losses)
+        self.progress = 0.0
+        missing = [loss.name for loss in self.losses if loss.teacher_kind == "fp" and self.teacher is None]
+        if missing:
+            raise ValueError(f"losses {', '.join(missing)} distil from an FP teacher, but none was given")
+        self.views = 1 + max((v for loss in self.losses for v in (*loss.student_views, *loss.teacher_views)), default=0)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def _forward(self, model: nn.Module, x: torch.Tensor) -> Forward:
+        store = getattr(model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model, "taps", None)
+        if store is not None:
+            store.clear()
+        logits = model(x)
+        return Forward(logits, dict(store) if store is not None else {})
+
+    def __call__(self, *batch: torch.Tensor) -> dict[str, float]:
+        *views, y = batch
+        while len(views) < self.views:
+            views.append(augment_batch(views[0], "strong"))
         self.model.train()
-        logits = self.model(x)
-        ce = self.criterion(logits, y)
-        terms = {"ce": ce}
+        student_views = sorted({0, *(v for loss in self.losses for v in loss.student_views)})
+        # Several views go through the student as one batch: one forward per backward (what DDP requires),
+        # and one larger batch is faster than two.
+        joint = self._forward(self.model, torch.cat([views[v] for v in student_views]))
+        student = dict(zip(student_views, _split(joint, len(student_views))))
+        teachers: dict[tuple[str, int], Forward] = {}
+        with torch.no_grad():
+            for loss in self.losses:
+                model = loss.teacher_model(self.student, self.teacher)
+                for v in loss.teacher_views if model is not None else ():
+                    if (loss.teacher_kind, v) not in teachers:
+                        teachers[(loss.teacher_kind, v)] = self._forward(model, views[v])
+        logits = student[0].logits
+        terms = {"ce": self.criterion(logits, y)}
+        inputs = LossInputs(y, student, teachers, self.progress)
+        for loss in self.losses:
+            terms.update(loss(inputs))
         for extra in self.extra_losses:
-            terms.update(extra(self, x, y, logits))
-        loss = sum(terms.values())
+            terms.update(extra(self, views[0], y, logits))
+        total = sum(terms.values())
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         self.optimizer.step()
+        for loss in self.losses:
+            loss.after_step(self.student)
+        if getattr(self.student, "taps", None) is not None:
+            self.student.taps.clear()  # drop references to this step's activations
         metrics = {name: float(value.detach()) for name, value in terms.items()}
-        metrics["loss"] = float(loss.detach())
+        metrics["loss"] = float(total.detach())
         metrics["acc"] = float((logits.detach().argmax(1) == y).float().mean())
         return metrics
+
+
+def _split(forward: Forward, parts: int) -> list[Forward]:
+    """A forward on concatenated views, split back per view (logits and every batch-shaped tap)."""
+    if parts == 1:
+        return [forward]
+
+    def chunk(value):
+        if isinstance(value, dict):
+            pieces = {k: chunk(v) for k, v in value.items()}
+            return [{k: pieces[k][i] for k in pieces} for i in range(parts)]
+        return list(value.chunk(parts))
+
+    logits = chunk(forward.logits)
+    taps = {name: chunk(value) for name, value in forward.taps.items()}
+    return [Forward(logits[i], {name: taps[name][i] for name in taps}) for i in range(parts)]
 
 
 @torch.no_grad()
@@ -189,7 +249,7 @@ def fit(
             f"the training data ({len(train_loader.dataset)} samples) is smaller than one batch "
             f"({config['batch_size']}); lower batch_size"
         )
-    first_x, _ = next(iter(train_loader))
+    first_x = next(iter(train_loader))[0]
     distributed.initialize_quantizers(model, first_x)
     optimizer = make_optimizer(model, config)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
@@ -204,11 +264,13 @@ def fit(
             if isinstance(getattr(train_loader, "sampler", None), DistributedSampler):
                 train_loader.sampler.set_epoch(epoch)
             start, seen, loss_sum, acc_sum = time.perf_counter(), 0, 0.0, 0.0
-            for i, (x, y) in enumerate(train_loader):
-                scale = lr_at(epoch + i / len(train_loader), config)
+            for i, batch in enumerate(train_loader):
+                y = batch[-1]
+                step.progress = epoch + i / len(train_loader)
+                scale = lr_at(step.progress, config)
                 for group, base in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base * scale
-                metrics = step(x, y)
+                metrics = step(*batch)
                 seen += len(y)
                 loss_sum += metrics["loss"] * len(y)
                 acc_sum += metrics["acc"] * len(y)

@@ -8,12 +8,14 @@ from .assign_bits import assign_bits
 from .context import LayerRecord, PassContext, PassRecord
 from .fold_bn import fold_bn
 from .insert_quantizers import insert_quantizers
+from .insert_taps import insert_perturbations, insert_taps
 from .manager import run_passes
 from .trace import TraceResult, trace_model
 from .verify import check_invariants, verify
 
 # fold_bn keeps the conv node (and its spec) in place, so one annotate before it is enough.
-PREPARE_PASSES = (annotate, fold_bn, insert_quantizers, assign_bits, verify)
+# Perturbations go between a quantizer and its op before taps look for the float input behind both.
+PREPARE_PASSES = (annotate, fold_bn, insert_quantizers, insert_perturbations, insert_taps, assign_bits, verify)
 
 __all__ = [
     "PREPARE_PASSES",
@@ -26,7 +28,9 @@ __all__ = [
     "check_invariants",
     "fold_bn",
     "graph_roles",
+    "insert_perturbations",
     "insert_quantizers",
+    "insert_taps",
     "run_passes",
     "trace_model",
     "verify",

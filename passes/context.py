@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from fxquant.recipe import Recipe
 from fxquant.spec import QuantSpec
+from fxquant.taps import TapStore
 
 
 @dataclass
@@ -50,6 +51,13 @@ class PassContext:
     notes: list[str] = field(default_factory=list)
     matched_rules: set[int] = field(default_factory=set)
     keep_float: frozenset[str] = frozenset()  # module paths the user listed in leaf_modules
+    # Feature taps (name -> selector) recording into one store shared by every piece, and FPQ's perturbation
+    # (probability, op type) when a recipe loss asks for it. tap_matches counts what each selector found.
+    tap_selectors: dict[str, str] = field(default_factory=dict)
+    tap_store: TapStore = field(default_factory=TapStore)
+    tap_matches: dict[str, int] = field(default_factory=dict)
+    perturb_p: float | None = None
+    perturb_type: str = "Conv2d"
 
     def note(self, text: str) -> None:
         self.notes.append(text)

@@ -21,7 +21,7 @@ from fxquant.spec import QuantizerConfig
 
 from .annotate import LAYER_KEY, SPEC_KEY
 from .context import LayerRecord, PassContext
-from .patterns import activation_inputs, functional_weight, is_quantizer_node, op_type
+from .patterns import activation_inputs, functional_weight, is_quantizer_node, op_type, quantized_source
 
 QUANTIZERS_KEY = "fxquant_quantizers"
 
@@ -93,8 +93,9 @@ def insert_quantizers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             else:
                 record.weight_quantizer = _quantize_functional_weight(gm, node, spec.weight, weight_done, op)
         for _, source in activation_inputs(gm, node):
-            if is_quantizer_node(gm, source):
-                record.activation_quantizers.append(str(source.target))
+            quantizer = quantized_source(gm, source)
+            if quantizer is not None:
+                record.activation_quantizers.append(str(quantizer.target))
                 continue
             key = (source, spec.activation)
             qnode = act_done.get(key)

@@ -10,6 +10,7 @@ from torch import fx, nn
 
 from fxquant.layers import ConvBn, is_quantizable_module
 from fxquant.quantizers import FakeQuantizer
+from fxquant.taps import FeaturePerturbation
 
 WEIGHTED_FUNCTIONS = {
     F.conv1d: "conv1d",
@@ -74,6 +75,18 @@ def is_quantizer_node(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), FakeQuantizer)
 
 
+def is_perturbation(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A FPQ feature-perturbation node (it sits between an activation quantizer and its op)."""
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), FeaturePerturbation)
+
+
+def quantized_source(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The quantizer node an op's input comes from (looking through a perturbation), or None."""
+    if is_perturbation(gm, node) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node if is_quantizer_node(gm, node) else None
+
+
 def scope_of(node: fx.Node) -> str:
     """The qualified name of the module whose forward created ``node`` (from fx's module stack)."""
     stack = node.meta.get("nn_module_stack")
@@ -90,6 +103,8 @@ def layer_name(gm: fx.GraphModule, node: fx.Node) -> str:
         return str(node.target)
     if has_weight_arg(node):
         weight = functional_weight(node)
+        if weight is not None and is_quantizer_node(gm, weight) and isinstance(weight.args[0], fx.Node):
+            weight = weight.args[0]  # the same name before and after quantizers are inserted
         if weight is not None and weight.op == "get_attr":
             target = str(weight.target)
             # A conv traced on its own reads "weight": its name is then the piece's own path ("").

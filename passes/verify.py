@@ -17,7 +17,7 @@ from fxquant.quantizers import FakeQuantizer
 from .annotate import SPEC_KEY
 from .context import PassContext
 from .insert_quantizers import QUANTIZERS_KEY
-from .patterns import activation_inputs, functional_weight, is_quantizer_node
+from .patterns import activation_inputs, functional_weight, is_perturbation, is_quantizer_node
 
 
 def check_invariants(gm: fx.GraphModule) -> list[str]:
@@ -47,6 +47,8 @@ def check_invariants(gm: fx.GraphModule) -> list[str]:
                 if weight is not None and not is_quantizer_node(gm, weight):
                     problems.append(f"{node.name}: functional weight {weight.name} is not quantized")
         for _, source in activation_inputs(gm, node):
+            if is_perturbation(gm, source):  # FPQ's noise sits between the quantizer and its op
+                source = source.args[0]
             if not is_quantizer_node(gm, source):
                 problems.append(f"{node.name}: activation input {source.name} is not quantized")
     return problems

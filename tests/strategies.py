@@ -137,3 +137,18 @@ def recipes(draw: st.DrawFn, bn: tuple[str, ...] = ("keep", "fold"), with_rules:
         # Every generated model ends in a linear layer (module or functional), so this rule always matches.
         quant["rule"] = [{"match": {"type": ["Linear", "linear"]}, "weight": {"bits": draw(BITS)}}]
     return {"name": "generated", "quant": quant}
+
+
+# Selectors every generated model matches (each ends in a linear layer, module or functional).
+TAP_SELECTORS = ("penultimate", "output", "type:linear", "type:Linear")
+
+
+@st.composite
+def feature_recipes(draw: st.DrawFn) -> dict:
+    """A random valid recipe with taps on selectors every generated model has, and maybe FPQ's perturbation."""
+    recipe = draw(recipes())
+    chosen = draw(st.lists(st.sampled_from(TAP_SELECTORS), min_size=1, max_size=3, unique=True))
+    recipe["taps"] = {f"tap{i}": selector for i, selector in enumerate(chosen)}
+    if draw(st.booleans()):
+        recipe["loss"] = [{"kind": "fpq", "p": draw(st.sampled_from([0.0, 0.5, 1.0])), "layers": "linear"}]
+    return recipe

@@ -1,0 +1,181 @@
+"""Auxiliary losses against independent formulas, the recipe wiring, and what the training step runs."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fxquant
+from fxquant.errors import RecipeError
+from fxquant.losses import (
+    channel_standardize,
+    csd_loss,
+    dkd_terms,
+    kd_loss,
+    mec_loss,
+    mec_moe_loss,
+    sigmoid_rampup,
+)
+from fxquant.models import resnet20
+from fxquant.quantizers import LSQQuantizer
+from fxquant.spec import QuantizerConfig
+from fxquant.taps import FeaturePerturbation
+
+seeds = st.integers(0, 10_000)
+
+
+def _kl_rows(p, q):
+    return [sum(pi * math.log(pi / qi) for pi, qi in zip(pr, qr) if pi > 0) for pr, qr in zip(p.tolist(), q.tolist())]
+
+
+@given(seed=seeds, T=st.floats(0.5, 8.0))
+def test_kd_is_the_softened_kl(seed, T):
+    torch.manual_seed(seed)
+    s, t = torch.randn(5, 7), torch.randn(5, 7) * 3
+    expected = sum(_kl_rows(torch.softmax(t / T, 1), torch.softmax(s / T, 1))) / 5 * T * T
+    assert float(kd_loss(s, t, T)) == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+@given(seed=seeds, T=st.floats(1.0, 6.0))
+def test_dkd_decomposes_kd(seed, T):
+    """Zhao et al.'s identity, sample by sample: KD = TCKD + (1 − p_t(gt))·NCKD."""
+    torch.manual_seed(seed)
+    s, t = torch.randn(1, 6) * 2, torch.randn(1, 6) * 2
+    y = torch.randint(0, 6, (1,))
+    tckd, nckd = dkd_terms(s, t, y, T)
+    p_gt = float(torch.softmax(t / T, 1)[0, y])
+    assert float(kd_loss(s, t, T)) == pytest.approx(float(tckd) + (1 - p_gt) * float(nckd), rel=1e-3, abs=1e-5)
+
+
+def test_dkd_terms_against_a_written_out_formula():
+    torch.manual_seed(0)
+    s, t, y, T = torch.randn(4, 5), torch.randn(4, 5), torch.tensor([0, 3, 1, 4]), 2.0
+    tckd, nckd = dkd_terms(s, t, y, T)
+    ps, pt = torch.softmax(s / T, 1), torch.softmax(t / T, 1)
+    tc, nc = 0.0, 0.0
+    for i in range(4):
+        g = int(y[i])
+        bs, bt = [float(ps[i, g]), 1 - float(ps[i, g])], [float(pt[i, g]), 1 - float(pt[i, g])]
+        tc += sum(b * math.log(b / a) for a, b in zip(bs, bt))
+        others = [j for j in range(5) if j != g]
+        qs = torch.softmax(s[i, others] / T, 0)
+        qt = torch.softmax(t[i, others] / T, 0)
+        nc += sum(_kl_rows(qt[None], qs[None]))
+    assert float(tckd) == pytest.approx(tc / 4 * T * T, rel=1e-4)
+    assert float(nckd) == pytest.approx(nc / 4 * T * T, rel=1e-4)
+
+
+def test_csd_against_a_per_channel_loop():
+    torch.manual_seed(0)
+    zs, zt = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5) * 2 + 1
+    total = 0.0
+    for c in range(4):
+        a, b = zs[:, c].flatten(), zt[:, c].flatten()
+        a = (a - a.mean()) / torch.sqrt(a.var(unbiased=False) + 1e-5)
+        b = (b - b.mean()) / torch.sqrt(b.var(unbiased=False) + 1e-5)
+        total += float(((b - a) ** 2).sum())
+    assert float(csd_loss({"l": zs}, {"l": zt}, "sum")) == pytest.approx(total, rel=1e-5)
+    assert float(csd_loss({"l": zs}, {"l": zt}, "batch")) == pytest.approx(total / 3, rel=1e-5)
+    assert float(csd_loss({"l": zs}, {"l": zt}, "mean")) == pytest.approx(total / zs.numel(), rel=1e-5)
+    standardized = channel_standardize(zt)
+    torch.testing.assert_close(standardized.mean((0, 2, 3)), torch.zeros(4), atol=1e-5, rtol=0)
+
+
+@given(seed=seeds, m=st.integers(4, 24), d=st.integers(4, 24))
+def test_mec_series_converges_to_the_log_det(seed, m, d):
+    """With one view twice, I + λZZᵀ is positive definite; a long series equals −μ·log det(I + λZZᵀ)/m."""
+    torch.manual_seed(seed)
+    z = torch.randn(m, d, dtype=torch.float64)
+    zn = torch.nn.functional.normalize(z, dim=1)
+    # choose ε² so that the spectral radius of λZZᵀ is 1/2: the series then converges fast
+    lam = 0.5 / float(torch.linalg.eigvalsh(zn @ zn.T).max())
+    eps2 = d / (m * lam)
+    exact = -(m + d) / 2 * torch.logdet(torch.eye(m, dtype=torch.float64) + lam * zn @ zn.T) / m
+    assert float(mec_loss(z, z, eps2, order=60)) == pytest.approx(float(exact), rel=1e-6, abs=1e-9)
+
+
+def test_mec_uses_the_smaller_product_and_experts_reduce_to_mec():
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(6, 40, dtype=torch.float64), torch.randn(6, 40, dtype=torch.float64)
+    # tr((Z1 Z2ᵀ)^k) computed on the 6×6 side equals the 40×40 side
+    a = torch.nn.functional.normalize(z1, dim=1)
+    b = torch.nn.functional.normalize(z2, dim=1)
+    for k in (1, 2, 3):
+        small = torch.linalg.matrix_power(a @ b.T, k).trace()
+        large = torch.linalg.matrix_power(b.T @ a, k).trace()
+        assert float(small) == pytest.approx(float(large), rel=1e-9)
+    assert float(mec_moe_loss(z1, z2, experts=1)) == pytest.approx(float(mec_loss(z1, z2)), rel=1e-12)
+    halves = (mec_loss(z1[:, :20], z2[:, :20]) + mec_loss(z1[:, 20:], z2[:, 20:])) / 2
+    assert float(mec_moe_loss(z1, z2, experts=2)) == pytest.approx(float(halves), rel=1e-12)
+
+
+def test_sigmoid_rampup_endpoints():
+    assert sigmoid_rampup(0.0, 2.0) == pytest.approx(math.exp(-5))
+    assert sigmoid_rampup(2.0, 2.0) == 1.0 and sigmoid_rampup(5.0, 0.0) == 1.0
+
+
+def test_perturbation_is_bounded_and_applied_at_rate_p():
+    torch.manual_seed(0)
+    q = LSQQuantizer(QuantizerConfig(bits=4), signed=True)
+    q(torch.randn(2, 3, 4, 4))
+    step = float(q.scale.detach())
+    perturb = FeaturePerturbation(0.3, q).train()
+    x = torch.zeros(2, 3, 4, 4)
+    changed = 0
+    for _ in range(2000):
+        delta = perturb(x) - x
+        assert float(delta.abs().max()) <= step / 2 + 1e-7
+        changed += bool(delta.abs().sum() > 0)
+    assert perturb.calls == 2000 and changed == perturb.applied
+    assert 0.3 - 0.04 < perturb.applied / 2000 < 0.3 + 0.04
+    perturb.eval()
+    assert torch.equal(perturb(x), x)
+
+
+def test_taps_give_features_by_name():
+    qmodel = fxquant.prepare_qat(
+        resnet20(),
+        {"extends": "lsq_w4a4", "taps": {"feat": "penultimate", "convs": "type:Conv2d", "l3": "module:layer3"}},
+    )
+    qmodel(torch.randn(4, 1, 28, 28))
+    assert qmodel.taps["feat"].shape == (4, 64)
+    assert len(qmodel.taps["convs"]) == 21 and "layer2.0.downsample.0" in qmodel.taps["convs"]
+    assert qmodel.taps["l3"].shape == (4, 64, 7, 7)
+
+
+def test_bad_feature_recipes_fail_at_prepare_time():
+    with pytest.raises(RecipeError, match=r"loss\[0\]\.tap.*did you mean 'feat'"):
+        fxquant.prepare_qat(
+            resnet20(),
+            {"extends": "lsq_w4a4", "taps": {"feat": "penultimate"}, "loss": [{"kind": "mec", "tap": "feet"}]},
+        )
+    with pytest.raises(RecipeError, match=r"taps\.x.*matches nothing"):
+        fxquant.prepare_qat(resnet20(), {"extends": "lsq_w4a4", "taps": {"x": "module:layer9"}})
+    with pytest.raises(RecipeError, match="teacher=False"):
+        fxquant.prepare_qat(resnet20(), "fpq_w4a4", teacher=False)
+
+
+@pytest.mark.parametrize(
+    "recipe", ["cr_w4a4", "cr_w2a2", "fpq_w4a4", "fpq_w2a4", "fpq_w2a2", "mec_w4a4", "mec_w2a2", "fpq_cr_w2a2"]
+)
+def test_recipes_train_and_gradients_reach_only_the_student(recipe):
+    torch.manual_seed(0)
+    qmodel = fxquant.prepare_qat(resnet20(), recipe)
+    step = fxquant.TrainStep(qmodel, fxquant.train.make_optimizer(qmodel, qmodel.recipe.train))
+    teacher_before = [p.clone() for p in qmodel.teacher.parameters()] if qmodel.teacher is not None else []
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    for _ in range(2):
+        metrics = step(x, y)
+    kinds = {loss.kind for loss in qmodel.losses}
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert any(name.startswith(tuple(kinds)) for name in metrics)
+    if qmodel.teacher is not None:
+        assert all(p.grad is None for p in qmodel.teacher.parameters())
+        assert all(torch.equal(a, b) for a, b in zip(teacher_before, qmodel.teacher.parameters()))
+    for loss in qmodel.losses:
+        ema = getattr(loss, "ema", None)
+        if ema is not None:
+            assert all(p.grad is None and not p.requires_grad for p in ema.parameters())
+    assert not qmodel.taps, "the store is cleared after the step"
