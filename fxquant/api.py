@@ -178,9 +178,12 @@ def prepare_qat(
     selectors, perturb = feature_plan(recipe)
     losses = build_losses(recipe)
     fp_needed = [loss.name for loss in losses if loss.teacher_kind == "fp"]
+    coreset_table = recipe.data.get("data", {}).get("coreset")
+    if coreset_table and "ds" in coreset_table.get("scores", ["evs", "ds"]):
+        fp_needed.append("the coreset's disagreement score")
     if fp_needed and teacher is False:
         raise RecipeError(
-            recipe.source, "loss", f"{', '.join(fp_needed)} distil from the FP model, but teacher=False was given"
+            recipe.source, "loss", f"{', '.join(fp_needed)} need the FP model, but teacher=False was given"
         )
     qmodel = _prepare(model, recipe, example_inputs, leaf_modules, concrete_args, selectors, perturb)
     qmodel.__dict__["losses"] = losses

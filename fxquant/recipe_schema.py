@@ -178,6 +178,32 @@ LOSS_KINDS = {
 for _kind, _table in LOSS_KINDS.items():
     _table.keys["kind"] = Key((str,), choices=(_kind,))
 
+
+def _fraction(value: Any) -> str | None:
+    return None if 0 < value <= 1 else f"must be in (0, 1] (a fraction of the training set), got {value}"
+
+
+def _score_list(value: Any) -> str | None:
+    if isinstance(value, list) and value and all(v in ("evs", "ds") for v in value):
+        return None
+    return f"must be a non-empty list of 'evs' and 'ds', got {value!r}"
+
+
+CORESET_DOC = "adaptive coreset selection (ACS)"
+DATA = Table(
+    {
+        "coreset": Table(
+            {
+                "fraction": Key(NUMBER, check=_fraction, doc="kept per class, in (0, 1]"),
+                "refresh_every": Key((int,), check=_positive, doc="epochs between selections (default 10)"),
+                "schedule": Key((str,), choices=("paper", "code_cosine", "linear"), doc="β(t) of EVS"),
+                "scores": Key((list,), check=_score_list, doc='["evs", "ds"] (default both)'),
+            },
+            doc=CORESET_DOC,
+        )
+    }
+)
+
 SCHEMA = Table(
     {
         "name": Key((str,)),
@@ -197,6 +223,7 @@ SCHEMA = Table(
         "train": TRAIN,
         "taps": Table({}, open=True, values=Key((str,), check=_selector), doc="tap name = selector"),
         "loss": TaggedTableList("kind", LOSS_KINDS),
+        "data": DATA,
     }
 )
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from fxquant import distributed
+from fxquant import coreset, distributed
 from fxquant.data import augment_batch
 from fxquant.losses import AuxLoss, Forward, LossInputs
 from fxquant.quantizers import FakeQuantizer
@@ -214,6 +214,8 @@ class EpochRecord:
     test_loss: float | None
     seconds: float
     images_per_second: float
+    scoring_seconds: float = 0.0  # coreset scoring before this epoch (not in ``seconds``)
+    train_samples: int = 0
 
 
 def fit(
@@ -251,6 +253,11 @@ def fit(
         )
     first_x = next(iter(train_loader))[0]
     distributed.initialize_quantizers(model, first_x)
+    selector = _coreset_selector(model, config["epochs"])
+    if selector is not None:  # ACS: the loader draws from the current selection only
+        sampler = coreset.CoresetSampler(torch.arange(len(train_data)), info, seed)
+        per_rank = config["batch_size"] // info.world_size
+        train_loader = DataLoader(train_data, batch_size=per_rank, sampler=sampler, drop_last=True)
     optimizer = make_optimizer(model, config)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     criterion = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
@@ -261,7 +268,15 @@ def fit(
     with bar or contextlib.nullcontext():
         task = bar.add_task(description, total=config["epochs"] * len(train_loader)) if bar else None
         for epoch in range(config["epochs"]):
-            if isinstance(getattr(train_loader, "sampler", None), DistributedSampler):
+            scoring = 0.0
+            if selector is not None and selector.due(epoch):
+                record = selector.refresh(model, getattr(model, "teacher", None), train_data, epoch)
+                train_loader.sampler.set_indices(selector.current)
+                scoring = record.seconds
+                if bar:
+                    bar.update(task, total=bar.tasks[0].completed + (config["epochs"] - epoch) * len(train_loader))
+                    coreset.report(record, bar.console)
+            if hasattr(train_loader.sampler, "set_epoch"):
                 train_loader.sampler.set_epoch(epoch)
             start, seen, loss_sum, acc_sum = time.perf_counter(), 0, 0.0, 0.0
             for i, batch in enumerate(train_loader):
@@ -296,11 +311,21 @@ def fit(
                     result["loss"],
                     seconds,
                     totals[0] / seconds,
+                    scoring,
+                    int(totals[0]),
                 )
             )
             if bar and result["top1"] is not None:
                 bar.console.print(f"{description} epoch {epoch + 1}: test top-1 {result['top1']:.2f}%")
     return history
+
+
+def _coreset_selector(model: nn.Module, epochs: int) -> coreset.CoresetSelector | None:
+    recipe = getattr(model, "recipe", None)
+    table = recipe.data.get("data", {}).get("coreset") if recipe is not None else None
+    if not table:
+        return None
+    return coreset.CoresetSelector(coreset.CoresetConfig.from_recipe(table), epochs)
 
 
 def _loader(data: Any, batch_size: int, shuffle: bool, seed: int, info: distributed.DistInfo) -> DataLoader:
