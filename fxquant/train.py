@@ -216,6 +216,7 @@ class EpochRecord:
     images_per_second: float
     scoring_seconds: float = 0.0  # coreset scoring before this epoch (not in ``seconds``)
     train_samples: int = 0
+    coreset: Any = None  # the fxquant.coreset.Refresh made before this epoch, if any
 
 
 def fit(
@@ -268,14 +269,14 @@ def fit(
     with bar or contextlib.nullcontext():
         task = bar.add_task(description, total=config["epochs"] * len(train_loader)) if bar else None
         for epoch in range(config["epochs"]):
-            scoring = 0.0
+            scoring, refresh = 0.0, None
             if selector is not None and selector.due(epoch):
-                record = selector.refresh(model, getattr(model, "teacher", None), train_data, epoch)
+                refresh = selector.refresh(model, getattr(model, "teacher", None), train_data, epoch)
                 train_loader.sampler.set_indices(selector.current)
-                scoring = record.seconds
+                scoring = refresh.seconds
                 if bar:
                     bar.update(task, total=bar.tasks[0].completed + (config["epochs"] - epoch) * len(train_loader))
-                    coreset.report(record, bar.console)
+                    coreset.report(refresh, bar.console)
             if hasattr(train_loader.sampler, "set_epoch"):
                 train_loader.sampler.set_epoch(epoch)
             start, seen, loss_sum, acc_sum = time.perf_counter(), 0, 0.0, 0.0
@@ -313,6 +314,7 @@ def fit(
                     totals[0] / seconds,
                     scoring,
                     int(totals[0]),
+                    refresh,
                 )
             )
             if bar and result["top1"] is not None:
