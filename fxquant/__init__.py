@@ -7,7 +7,7 @@ Example usage::
     fxquant.summary(qmodel)
 """
 
-from fxquant import checkpoint, data, distributed, models, train
+from fxquant import checkpoint, coreset, data, distributed, models, train, zeroshot
 from fxquant.api import PrepareReport, QATModel, disable_quant, prepare_qat
 from fxquant.checkpoint import CheckpointError, load, save
 from fxquant.errors import FxQuantError, PassError, PrepareError, RecipeError, TraceError
@@ -37,6 +37,7 @@ __all__ = [
     "TrainStep",
     "builtin_names",
     "checkpoint",
+    "coreset",
     "data",
     "disable_quant",
     "distributed",
@@ -50,4 +51,5 @@ __all__ = [
     "save",
     "summary",
     "train",
+    "zeroshot",
 ]

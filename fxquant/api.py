@@ -181,6 +181,8 @@ def prepare_qat(
     coreset_table = recipe.data.get("data", {}).get("coreset")
     if coreset_table and "ds" in coreset_table.get("scores", ["evs", "ds"]):
         fp_needed.append("the coreset's disagreement score")
+    if "zeroshot" in recipe.data:
+        fp_needed.append("zero-shot quantization")
     if fp_needed and teacher is False:
         raise RecipeError(
             recipe.source, "loss", f"{', '.join(fp_needed)} need the FP model, but teacher=False was given"

@@ -1,4 +1,4 @@
-"""The ``fxquant`` command (also ``python -m fxquant``): demo, train, summary, recipes, validate.
+"""The ``fxquant`` command (also ``python -m fxquant``): demo, train, zeroshot, summary, recipes, validate.
 
 Errors are one line on stderr and a non-zero exit, never a traceback.
 """
@@ -175,6 +175,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_zeroshot(args: argparse.Namespace) -> int:
+    """Zero-shot QAT of a trained float model: no training data, images synthesised from the model."""
+    from rich.console import Console
+
+    import fxquant
+    from fxquant.data import DataNotFoundError, fashion_mnist
+    from fxquant.train import evaluate
+
+    console = Console()
+    model = _model_from_spec(args.arch)
+    state = torch.load(args.model, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "format" in state:
+        raise ValueError(f"--model {args.model} is an fxquant checkpoint; zero-shot starts from a float state_dict")
+    model.load_state_dict(state)
+    qmodel = fxquant.prepare_qat(model, args.recipe)
+    overrides = {k: v for k, v in {"iterations": args.iterations, "seed": args.seed}.items() if v is not None}
+    channels = _input_channels(model)
+    result = fxquant.zeroshot.train(qmodel, overrides, image_shape=(channels, 28, 28))
+    grid = fxquant.zeroshot.save_grid(result.generator, args.grid)
+    console.print(f"synthetic samples (one row per class): {grid}")
+    if args.out:
+        fxquant.save(qmodel, args.out, extra={"zeroshot_iterations": len(result.history)})
+        console.print(f"saved {args.out}")
+    try:  # evaluation only: zero-shot training never reads real data
+        test = torch.utils.data.DataLoader(_with_channels(fashion_mnist("test"), channels), batch_size=512)
+    except DataNotFoundError:
+        console.print(f"zero-shot {qmodel.recipe.name}: done in {result.seconds:.0f} s (no test set to evaluate on)")
+        return 0
+    fp, quant = evaluate(model, test)["top1"], evaluate(qmodel, test)["top1"]
+    console.print(
+        f"Fashion-MNIST test top-1: FP32 {fp:.2f}% → zero-shot {qmodel.recipe.name} {quant:.2f}% "
+        f"({len(result.history)} iterations, {result.seconds:.0f} s)"
+    )
+    return 0
+
+
 def _input_channels(model: torch.nn.Module) -> int:
     first = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
     return first.in_channels if first is not None else 1
@@ -244,6 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", help="where to save (an fxquant checkpoint; a float state_dict with --fp)")
     train.set_defaults(func=cmd_train)
+
+    zeroshot = sub.add_parser("zeroshot", help="quantize a trained float model with no data (LRQ)")
+    zeroshot.add_argument("--model", required=True, help="float state_dict, e.g. from fxquant train --fp --out")
+    zeroshot.add_argument("--arch", default="resnet20", help="architecture of that state_dict")
+    zeroshot.add_argument("--recipe", default="lrq_w4a4")
+    zeroshot.add_argument("--iterations", type=int, help="override the recipe's [zeroshot] iterations")
+    zeroshot.add_argument("--seed", type=int)
+    zeroshot.add_argument("--grid", default="zeroshot_samples.png", help="PNG grid of synthetic samples")
+    zeroshot.add_argument("--out", help="save the quantized model (an fxquant checkpoint)")
+    zeroshot.set_defaults(func=cmd_zeroshot)
 
     recipes = sub.add_parser("recipes", help="list the built-in recipes")
     recipes.set_defaults(func=cmd_recipes)

@@ -204,6 +204,29 @@ DATA = Table(
     }
 )
 
+ZEROSHOT = Table(
+    {
+        "iterations": Key((int,), check=_positive),
+        "warmup_iterations": Key((int,), check=_non_negative, doc="generator-only iterations first"),
+        "batch_size": Key((int,), check=_positive),
+        "latent_dim": Key((int,), check=_positive),
+        "generator_channels": Key((int,), check=_positive),
+        "long_range": Key((bool,), doc="LRQ's large-kernel attention blocks in the generator"),
+        "generator_lr": Key(NUMBER, check=_positive),
+        "student_lr": Key(NUMBER, check=_positive),
+        "ama": Key((bool,), doc="additive angular margin in the generator's cross-entropy"),
+        "margin": Key(NUMBER, check=_non_negative, doc="AMA margin m (radians)"),
+        "scale": Key(NUMBER, check=_positive, doc="AMA logit scale s"),
+        "bns_weight": Key(NUMBER, check=_non_negative, doc="BN-statistics matching weight"),
+        "distill": Key((str,), choices=("dkd", "kd"), doc="student loss"),
+        "T": Key(NUMBER, check=_positive),
+        "alpha": Key(NUMBER, check=_non_negative),
+        "beta": Key(NUMBER, check=_non_negative),
+        "seed": Key((int,)),
+    },
+    doc="zero-shot quantization (LRQ)",
+)
+
 SCHEMA = Table(
     {
         "name": Key((str,)),
@@ -224,6 +247,7 @@ SCHEMA = Table(
         "taps": Table({}, open=True, values=Key((str,), check=_selector), doc="tap name = selector"),
         "loss": TaggedTableList("kind", LOSS_KINDS),
         "data": DATA,
+        "zeroshot": ZEROSHOT,
     }
 )
 

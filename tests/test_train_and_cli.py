@@ -107,3 +107,13 @@ def test_fit_history_and_global_batch(tiny_fashion):
     assert [h.epoch for h in history] == [1, 2]
     assert all(0 <= h.test_top1 <= 100 and h.images_per_second > 0 for h in history)
     assert all(bool(q.initialized) for q in qmodel.quantizers().values())
+
+
+def test_cli_zeroshot_runs_without_training_data(tiny_fashion, tmp_path, capsys):
+    fp_path = tmp_path / "fp.pt"
+    torch.save(resnet20().state_dict(), fp_path)
+    grid = tmp_path / "grid.png"
+    args = ["zeroshot", "--model", str(fp_path), "--recipe", "lrq_w4a4", "--iterations", "2", "--grid", str(grid)]
+    assert main([*args, "--out", str(tmp_path / "q.pt")]) == 0
+    assert grid.is_file() and (tmp_path / "q.pt").is_file()
+    assert "zero-shot lrq_w4a4" in capsys.readouterr().out
