@@ -227,6 +227,22 @@ ZEROSHOT = Table(
     doc="zero-shot quantization (LRQ)",
 )
 
+OPTIM = Table(
+    {
+        "sam": Table(
+            {
+                "rho": Key(NUMBER, check=_positive, doc="neighbourhood radius (default 0.05)"),
+                "adaptive": Key((bool,), doc="ASAM's scale-invariant neighbourhood"),
+                "perturb": Key((str,), choices=("quantized", "latent"), doc="where ε is added (SAQ: quantized)"),
+                "perturb_bn": Key((bool,), doc="also perturb BN affine parameters"),
+                "perturb_steps": Key((bool,), doc="also perturb activation quantizer steps"),
+                "update_bn_in_second_pass": Key((bool,), doc="default false"),
+            },
+            doc="sharpness-aware minimization (SAQ)",
+        )
+    }
+)
+
 SCHEMA = Table(
     {
         "name": Key((str,)),
@@ -248,6 +264,7 @@ SCHEMA = Table(
         "loss": TaggedTableList("kind", LOSS_KINDS),
         "data": DATA,
         "zeroshot": ZEROSHOT,
+        "optim": OPTIM,
     }
 )
 

@@ -22,6 +22,7 @@ from fxquant import coreset, distributed
 from fxquant.data import augment_batch
 from fxquant.losses import AuxLoss, Forward, LossInputs
 from fxquant.quantizers import FakeQuantizer
+from fxquant.sam import SAM, SAMConfig
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     "epochs": 1,
@@ -110,6 +111,9 @@ class TrainStep:
         if missing:
             raise ValueError(f"losses {', '.join(missing)} distil from an FP teacher, but none was given")
         self.views = 1 + max((v for loss in self.losses for v in (*loss.student_views, *loss.teacher_views)), default=0)
+        recipe = getattr(self.student, "recipe", None)
+        sam_table = recipe.data.get("optim", {}).get("sam") if recipe is not None else None
+        self.sam = SAM(self.student, SAMConfig.from_recipe(sam_table)) if sam_table is not None else None
 
     def _forward(self, model: nn.Module, x: torch.Tensor) -> Forward:
         store = getattr(model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model, "taps", None)
@@ -118,34 +122,51 @@ class TrainStep:
         logits = model(x)
         return Forward(logits, dict(store) if store is not None else {})
 
+    def _student_forwards(self, views: list[torch.Tensor], which: list[int]) -> dict[int, Forward]:
+        # Several views go through the student as one batch: one forward per backward (what DDP requires),
+        # and one larger batch is faster than two.
+        joint = self._forward(self.model, torch.cat([views[v] for v in which]))
+        return dict(zip(which, _split(joint, len(which))))
+
     def __call__(self, *batch: torch.Tensor) -> dict[str, float]:
         *views, y = batch
         while len(views) < self.views:
             views.append(augment_batch(views[0], "strong"))
         self.model.train()
         student_views = sorted({0, *(v for loss in self.losses for v in loss.student_views)})
-        # Several views go through the student as one batch: one forward per backward (what DDP requires),
-        # and one larger batch is faster than two.
-        joint = self._forward(self.model, torch.cat([views[v] for v in student_views]))
-        student = dict(zip(student_views, _split(joint, len(student_views))))
         teachers: dict[tuple[str, int], Forward] = {}
-        with torch.no_grad():
+        first_logits: list[torch.Tensor] = []
+
+        def loss_terms() -> dict[str, torch.Tensor]:
+            """Student forward(s) and every loss term; SAM calls it twice, at w and at the perturbed point."""
+            forwards = self._student_forwards(views, student_views)
+            out = forwards[0].logits
+            if not first_logits:  # teachers run once per step, after the student (an EMA copy needs its init)
+                first_logits.append(out)
+                with torch.no_grad():
+                    for loss in self.losses:
+                        model = loss.teacher_model(self.student, self.teacher)
+                        for v in loss.teacher_views if model is not None else ():
+                            if (loss.teacher_kind, v) not in teachers:
+                                teachers[(loss.teacher_kind, v)] = self._forward(model, views[v])
+            terms = {"ce": self.criterion(out, y)}
+            inputs = LossInputs(y, forwards, teachers, self.progress)
             for loss in self.losses:
-                model = loss.teacher_model(self.student, self.teacher)
-                for v in loss.teacher_views if model is not None else ():
-                    if (loss.teacher_kind, v) not in teachers:
-                        teachers[(loss.teacher_kind, v)] = self._forward(model, views[v])
-        logits = student[0].logits
-        terms = {"ce": self.criterion(logits, y)}
-        inputs = LossInputs(y, student, teachers, self.progress)
-        for loss in self.losses:
-            terms.update(loss(inputs))
-        for extra in self.extra_losses:
-            terms.update(extra(self, views[0], y, logits))
-        total = sum(terms.values())
+                terms.update(loss(inputs))
+            for extra in self.extra_losses:
+                terms.update(extra(self, views[0], y, out))
+            return terms
+
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        if self.sam is None:
+            terms = loss_terms()
+            total = sum(terms.values())
+            total.backward()
+        else:  # SAM: two forward/backward passes; .grad holds the perturbed point's gradient
+            terms = self.sam.step(loss_terms)
+            total = sum(terms.values())
         self.optimizer.step()
+        logits = first_logits[0]
         for loss in self.losses:
             loss.after_step(self.student)
         if getattr(self.student, "taps", None) is not None:
