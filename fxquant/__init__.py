@@ -7,7 +7,7 @@ Example usage::
     fxquant.summary(qmodel)
 """
 
-from fxquant import checkpoint, coreset, data, distributed, models, train, zeroshot
+from fxquant import checkpoint, coreset, data, distributed, models, search, train, zeroshot
 from fxquant.api import PrepareReport, QATModel, disable_quant, prepare_qat
 from fxquant.checkpoint import CheckpointError, load, save
 from fxquant.errors import FxQuantError, PassError, PrepareError, RecipeError, TraceError
@@ -49,6 +49,7 @@ __all__ = [
     "models",
     "prepare_qat",
     "save",
+    "search",
     "summary",
     "train",
     "zeroshot",

@@ -189,6 +189,13 @@ def prepare_qat(
         )
     qmodel = _prepare(model, recipe, example_inputs, leaf_modules, concrete_args, selectors, perturb)
     qmodel.__dict__["losses"] = losses
+    plan_file = recipe.data.get("bits", {}).get("plan")
+    if plan_file:
+        from fxquant.search import apply, load_plan
+
+        base = Path(recipe.source.split(" (")[0]).parent if recipe.source.endswith(".toml") else Path.cwd()
+        path = Path(plan_file) if Path(plan_file).is_absolute() else base / plan_file
+        apply(qmodel, load_plan(path))
     if fp_needed:
         source = model if teacher is None or teacher is True else teacher
         fp = _prepare(source, recipe, None, leaf_modules, concrete_args, selectors, None)

@@ -211,6 +211,45 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    """Per-layer bits by sensitivity under a budget: rich table, PNG bar plot, TOML plan."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    import fxquant
+    from fxquant import search
+    from fxquant.data import fashion_mnist
+
+    console = Console()
+    model = _model_from_spec(args.model)
+    if args.init:
+        model.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True))
+    shape = _shape(args.input)
+    qmodel = fxquant.prepare_qat(model, args.recipe, torch.randn(*shape))
+    if args.data == "fashion-mnist":
+        data = _with_channels(fashion_mnist("train", limit=args.batches * args.batch_size), shape[1])
+        batches = list(torch.utils.data.DataLoader(data, batch_size=args.batch_size))
+    else:  # random inputs and labels: shapes and a rough signal only, for models without data here
+        classes = qmodel(torch.randn(*shape)).shape[-1]
+        batches = [
+            (torch.randn(args.batch_size, *shape[1:]), torch.randint(0, classes, (args.batch_size,)))
+        ] * args.batches
+    start = time.perf_counter()
+    plan, layers = search.search(
+        qmodel, batches, args.budget, args.method, [int(b) for b in args.candidates.split(",")], progress=True
+    )
+    seconds = time.perf_counter() - start
+    budget = search.parse_budget(args.budget, layers)
+    search.report(layers, budget, plan, args.method, console)
+    comment = (
+        f"fxquant search --model {args.model} --recipe {args.recipe} --budget {args.budget} --method {args.method}"
+    )
+    console.print(f"plan: {search.save_plan(plan, args.out, comment)}  plot: {search.save_bar_plot(layers, args.plot)}")
+    hint = escape(f'[bits] plan = "{args.out}"')
+    console.print(f"search took {seconds:.1f} s; use it with {hint} in a recipe")
+    return 0
+
+
 def _input_channels(model: torch.nn.Module) -> int:
     first = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
     return first.in_channels if first is not None else 1
@@ -280,6 +319,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", help="where to save (an fxquant checkpoint; a float state_dict with --fp)")
     train.set_defaults(func=cmd_train)
+
+    find = sub.add_parser("search", help="per-layer bit widths from sharpness under a BOPs or size budget")
+    find.add_argument("--model", default="resnet20", help="resnet20, mobilenet_v2_small or torchvision:NAME")
+    find.add_argument("--init", help="float state_dict to load first (sensitivity of a trained model)")
+    find.add_argument("--recipe", default="lsq_w4a4", help="gives first/last-layer widths and quantizer types")
+    find.add_argument("--budget", default="0.25xW8A8", help="0.25xW8A8, 0.5xFP32, avg3, 1.2e9 or size:150kB")
+    find.add_argument("--method", choices=("hessian", "sam"), default="hessian")
+    find.add_argument("--candidates", default="2,3,4,8")
+    find.add_argument("--input", default="1,1,28,28", help="example input shape")
+    find.add_argument("--data", choices=("fashion-mnist", "random"), default="fashion-mnist")
+    find.add_argument("--batches", type=int, default=2)
+    find.add_argument("--batch-size", type=int, default=128)
+    find.add_argument("--out", default="bit_plan.toml")
+    find.add_argument("--plot", default="bit_plan.png")
+    find.set_defaults(func=cmd_search)
 
     zeroshot = sub.add_parser("zeroshot", help="quantize a trained float model with no data (LRQ)")
     zeroshot.add_argument("--model", required=True, help="float state_dict, e.g. from fxquant train --fp --out")

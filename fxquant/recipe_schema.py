@@ -243,6 +243,27 @@ OPTIM = Table(
     }
 )
 
+
+def _candidates(value: Any) -> str | None:
+    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return _bits_check(max(value)) or _bits_check(min(value))
+    return "must be a non-empty list of bit widths"
+
+
+BITS_TABLE = Table({"plan": Key((str,), doc="a bit-plan TOML (from fxquant search), relative to this recipe")})
+SEARCH = Table(
+    {
+        "method": Key((str,), choices=("hessian", "sam"), doc="sensitivity measure"),
+        "budget": Key((str,), doc="0.25xW8A8, 0.5xFP32, avg3, 1.2e9 or size:150kB"),
+        "candidates": Key((list,), check=_candidates, doc="bit widths to choose from (default [2, 3, 4, 8])"),
+        "batches": Key((int,), check=_positive, doc="calibration batches (default 2)"),
+        "tol": Key(NUMBER, check=_positive, doc="Hutchinson relative tolerance (default 0.05)"),
+        "max_iterations": Key((int,), check=_positive, doc="Hutchinson iterations at most (default 50)"),
+        "rho": Key(NUMBER, check=_positive, doc="SAM radius for method = sam (default 0.05)"),
+    },
+    doc="per-layer bit search before training",
+)
+
 SCHEMA = Table(
     {
         "name": Key((str,)),
@@ -265,6 +286,8 @@ SCHEMA = Table(
         "data": DATA,
         "zeroshot": ZEROSHOT,
         "optim": OPTIM,
+        "bits": BITS_TABLE,
+        "search": SEARCH,
     }
 )
 

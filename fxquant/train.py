@@ -274,6 +274,7 @@ def fit(
             f"({config['batch_size']}); lower batch_size"
         )
     first_x = next(iter(train_loader))[0]
+    _search_first(model, train_data, config, bar_console=None if not (progress and info.is_main) else True)
     distributed.initialize_quantizers(model, first_x)
     selector = _coreset_selector(model, config["epochs"])
     if selector is not None:  # ACS: the loader draws from the current selection only
@@ -341,6 +342,35 @@ def fit(
             if bar and result["top1"] is not None:
                 bar.console.print(f"{description} epoch {epoch + 1}: test top-1 {result['top1']:.2f}%")
     return history
+
+
+def _search_first(model: nn.Module, train_data: Any, config: dict, bar_console) -> None:
+    """A recipe's [search]: per-layer bits from sensitivity on a few plain batches, applied before training."""
+    recipe = getattr(model, "recipe", None)
+    table = recipe.data.get("search") if recipe is not None else None
+    if not table or model.__dict__.get("searched"):
+        return
+    from fxquant import search
+
+    loader = DataLoader(coreset.plain_view(train_data), batch_size=config["batch_size"], shuffle=False)
+    batches = [batch[:1] + batch[-1:] for _, batch in zip(range(table.get("batches", 2)), loader)]
+    example = batches[0][0][:1]
+    plan, layers = search.search(
+        model,
+        batches,
+        table["budget"],
+        table.get("method", "hessian"),
+        table.get("candidates", search.DEFAULT_CANDIDATES),
+        example_inputs=example,
+        rho=table.get("rho", 0.05),
+        tol=table.get("tol", 0.05),
+        max_iterations=table.get("max_iterations", 50),
+        progress=bool(bar_console),
+    )
+    search.apply(model, plan)
+    model.__dict__["searched"] = plan
+    if bar_console:
+        search.report(layers, search.parse_budget(table["budget"], layers), plan, table.get("method", "hessian"))
 
 
 def _coreset_selector(model: nn.Module, epochs: int) -> coreset.CoresetSelector | None:

@@ -1,0 +1,117 @@
+"""Bit search: exact allocation (vs brute force), Hutchinson vs the exact Hessian trace, budgets, plans."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fxquant
+from fxquant.errors import FxQuantError
+from fxquant.search import Option, allocate, apply, hutchinson_traces, layer_table, load_plan, parse_budget, save_plan
+
+options = st.lists(st.tuples(st.integers(1, 50), st.floats(0, 100, allow_nan=False)), min_size=1, max_size=4).map(
+    lambda pairs: [Option(i, float(c), w) for i, (c, w) in enumerate(pairs)]
+)
+
+
+@given(groups=st.lists(options, min_size=1, max_size=5), slack=st.floats(0.0, 1.0))
+def test_allocation_is_exact_and_within_budget(groups, slack):
+    cheapest = sum(min(o.cost for o in g) for g in groups)
+    dearest = sum(max(o.cost for o in g) for g in groups)
+    limit = cheapest + slack * (dearest - cheapest)
+    picks, cost, omega = allocate(groups, limit)
+    assert cost <= limit + 1e-9
+    assert cost == pytest.approx(sum(g[j].cost for g, j in zip(groups, picks)))
+    best = min(
+        sum(o.omega for o in combo)
+        for combo in itertools.product(*groups)
+        if sum(o.cost for o in combo) <= limit + 1e-9
+    )
+    assert omega == pytest.approx(best, rel=1e-9, abs=1e-9)
+
+
+def test_infeasible_budget_says_so():
+    with pytest.raises(FxQuantError, match="below the cheapest"):
+        allocate([[Option(2, 5.0, 0.0)], [Option(2, 5.0, 0.0)]], 9.0)
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = torch.nn.Linear(3, 4)
+        self.fc2 = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def test_hutchinson_matches_the_exact_hessian_trace():
+    qmodel = fxquant.prepare_qat(Tiny(), "lsq_w4a4", torch.randn(1, 3))
+    x, y = torch.randn(32, 3), torch.randint(0, 3, (32,))
+    layers = layer_table(qmodel)
+    estimate = hutchinson_traces(qmodel, layers, [(x, y)], tol=1e-9, max_iterations=3000, min_iterations=3000)
+    model = Tiny()  # the same weights, plain PyTorch
+    exact = {}
+    for name in ("fc1", "fc2"):
+        weight = getattr(model, name).weight
+
+        def loss_of(w, name=name):
+            params = {f"{name}.weight": w}
+            return F.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
+
+        hessian = torch.autograd.functional.hessian(loss_of, weight.detach())
+        exact[name] = float(hessian.reshape(weight.numel(), weight.numel()).trace())
+    for name in exact:
+        assert estimate[name] == pytest.approx(exact[name], rel=0.1, abs=1e-3)
+
+
+def test_budgets():
+    qmodel = fxquant.prepare_qat(Tiny(), "lsq_w4a4", torch.randn(1, 3))
+    layers = layer_table(qmodel)
+    macs = sum(layer.macs for layer in layers)
+    assert macs == 3 * 4 + 4 * 3
+    assert parse_budget("0.25xW8A8", layers).limit == pytest.approx(0.25 * 64 * macs)
+    assert parse_budget("1xFP32", layers).limit == pytest.approx(1024 * macs)
+    assert parse_budget("avg3", layers).limit == pytest.approx(9 * macs)
+    assert parse_budget("size:2kB", layers).limit == 2000 and parse_budget("size:2kB", layers).kind == "size"
+    assert parse_budget("1e6", layers).limit == 1e6
+    with pytest.raises(FxQuantError, match="not understood"):
+        parse_budget("a quarter", layers)
+
+
+def test_search_respects_budget_and_fixed_layers_and_plans_round_trip(tmp_path):
+    torch.manual_seed(0)
+    qmodel = fxquant.prepare_qat(fxquant.models.resnet20(), "lsq_w4a4", torch.randn(1, 1, 28, 28))
+    batches = [(torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,)))]
+    plan, layers = fxquant.search.search(qmodel, batches, "avg3", method="sam")
+    budget = parse_budget("avg3", layers)
+    assert fxquant.search.total_cost(layers, plan, budget) <= budget.limit
+    assert plan["conv1"] == (8, 8) and plan["fc"] == (8, 8)  # the recipe's first/last widths
+    path = save_plan(plan, tmp_path / "plan.toml", comment="test")
+    assert load_plan(path) == plan
+    apply(qmodel, plan)
+    weight_q, _ = qmodel.layer_quantizers(next(r for r in qmodel.report.layers if r.name == "layer2.0.conv1"))
+    assert weight_q.bits == plan["layer2.0.conv1"][0]
+    with pytest.raises(FxQuantError, match=r"layer1\.0\.conv9.*did you mean 'layer1\.0\.conv[12]'"):
+        apply(qmodel, {"layer1.0.conv9": (2, 2)})
+    # a recipe can include the plan
+    recipe = tmp_path / "mixed.toml"
+    recipe.write_text(f'extends = "lsq_w4a4"\n[bits]\nplan = "{path.name}"\n')
+    planned = fxquant.prepare_qat(fxquant.models.resnet20(), str(recipe))
+    weight_q, _ = planned.layer_quantizers(next(r for r in planned.report.layers if r.name == "layer2.0.conv1"))
+    assert weight_q.bits == plan["layer2.0.conv1"][0]
+
+
+def test_fit_runs_a_recipe_search_before_training():
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 1, 28, 28), torch.arange(64) % 10)
+    recipe = {"extends": "saq_w4a4", "search": {"method": "sam", "budget": "avg3", "batches": 1}}
+    qmodel = fxquant.prepare_qat(fxquant.models.resnet20(), recipe)
+    fxquant.fit(qmodel, data, None, {"epochs": 1, "batch_size": 16}, progress=False)
+    plan = qmodel.searched
+    assert set(plan.values()) <= {(2, 2), (3, 3), (4, 4), (8, 8)} and plan["conv1"] == (8, 8)
+    assert fxquant.load_recipe("mixed_hessian").data["search"]["method"] == "hessian"
