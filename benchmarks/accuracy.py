@@ -39,6 +39,8 @@ PRESETS = {
 GROUPS = {
     "lsq": "lsq_w4a4,lsq_w3a3,lsq_w2a2",
     "features": "lsq_w4a4,cr_w4a4,fpq_w4a4,mec_w4a4,lsq_w2a2,cr_w2a2,fpq_w2a2,mec_w2a2,fpq_cr_w2a2",
+    "features_short": "lsq_w2a2,cr_w2a2,fpq_w2a2,mec_w2a2,fpq_cr_w2a2,lsq_w4a4,fpq_w4a4",
+    "sharpness": "lsq_w4a4,saq_w4a4,lsq_w2a2,saq_w2a2,lsq_w3a3,mixed_hessian",
 }
 DEFAULT_RECIPES = "lsq"
 FP_CONFIG = {"lr": 0.1, "weight_decay": 5e-4, "batch_size": 128, "schedule": "cosine"}
@@ -100,10 +102,13 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--model", default="resnet20", choices=sorted(fxquant.models.MODELS))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--qat-epochs", type=int, help="override the preset's QAT epochs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     preset = "quick" if args.quick else "full"
-    settings = PRESETS[preset]
+    settings = dict(PRESETS[preset])
+    if args.qat_epochs:
+        settings["qat_epochs"] = args.qat_epochs
     seeds = [int(s) for s in args.seeds.split(",")]
     recipes = GROUPS.get(args.recipes, args.recipes).split(",")
     for recipe in recipes:  # fail on a typo before an hour of training
