@@ -235,8 +235,16 @@ def cmd_search(args: argparse.Namespace) -> int:
             (torch.randn(args.batch_size, *shape[1:]), torch.randint(0, classes, (args.batch_size,)))
         ] * args.batches
     start = time.perf_counter()
+    if args.method == "saq":
+        fxquant.distributed.initialize_quantizers(qmodel, batches[0][0])
     plan, layers = search.search(
-        qmodel, batches, args.budget, args.method, [int(b) for b in args.candidates.split(",")], progress=True
+        qmodel,
+        batches,
+        args.budget,
+        args.method,
+        [int(b) for b in args.candidates.split(",")],
+        progress=True,
+        iterations=args.iterations,
     )
     seconds = time.perf_counter() - start
     budget = search.parse_budget(args.budget, layers)
@@ -325,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     find.add_argument("--init", help="float state_dict to load first (sensitivity of a trained model)")
     find.add_argument("--recipe", default="lsq_w4a4", help="gives first/last-layer widths and quantizer types")
     find.add_argument("--budget", default="0.25xW8A8", help="0.25xW8A8, 0.5xFP32, avg3, 1.2e9 or size:150kB")
-    find.add_argument("--method", choices=("hessian", "sam"), default="hessian")
+    find.add_argument("--method", choices=("hessian", "sam", "saq"), default="hessian")
+    find.add_argument("--iterations", type=int, default=100, help="generator iterations (--method saq)")
     find.add_argument("--candidates", default="2,3,4,8")
     find.add_argument("--input", default="1,1,28,28", help="example input shape")
     find.add_argument("--data", choices=("fashion-mnist", "random"), default="fashion-mnist")

@@ -172,6 +172,7 @@ class LSQQuantizer(FakeQuantizer):
         self.learn_offset = config.learns_offset
         # Shapes are fixed at the first batch (per-channel needs the channel count).
         self.scale = nn.Parameter(torch.ones(1))
+        self.width_steps: nn.ParameterDict | None = None  # SAQ's supernet: one learned step per bit width
         if self.learn_offset:
             self.zero_point = nn.Parameter(torch.zeros(1))
         else:
@@ -198,13 +199,45 @@ class LSQQuantizer(FakeQuantizer):
         self.zero_point.data = zero_point.to(self.scale.dtype)
         self.initialized.fill_(True)
 
+    def share_steps_across(self, widths: list[int]) -> None:
+        """Weight sharing across widths (SAQ's supernet): from now on each width in ``widths`` has its own
+        learned step, starting from the current one rescaled to the same clipping range; switching ``bits``
+        then selects a step instead of rescaling one. :meth:`keep_current_width` ends it.
+
+        Example usage::
+
+            q.share_steps_across([2, 3, 4, 8]); q.bits = 3     # trains the 3-bit step
+        """
+        if not bool(self.initialized):
+            raise RuntimeError("initialise the quantizer (one forward) before sharing its step across widths")
+        signed = bool(self.signed)
+        low, high = integer_range(self._bits, signed)
+        steps = {}
+        for width in widths:
+            check_bits(width)
+            w_low, w_high = integer_range(width, signed)
+            steps[str(width)] = nn.Parameter(self.scale.detach() * (high - low) / (w_high - w_low))
+        self.width_steps = nn.ParameterDict(steps)
+
+    def keep_current_width(self) -> None:
+        """End step sharing: the current width's step becomes the quantizer's only step."""
+        if self.width_steps is not None:
+            self.scale.data = self.width_steps[str(self._bits)].detach().clone()
+            self.width_steps = None
+
+    def _step(self) -> torch.Tensor:
+        if self.width_steps is not None and str(self._bits) in self.width_steps:
+            return self.width_steps[str(self._bits)]
+        return self.scale
+
     def _on_bits_changed(self, old: int, new: int) -> None:
         # Keep the clipping range: the step shrinks/grows by the ratio of the grid sizes.
         signed = bool(self.signed)
         old_min, old_max = integer_range(old, signed)
         new_min, new_max = integer_range(new, signed)
         with torch.no_grad():
-            self.scale.mul_((old_max - old_min) / (new_max - new_min))
+            if self.width_steps is None:  # with shared steps each width already has its own
+                self.scale.mul_((old_max - old_min) / (new_max - new_min))
             if self.learn_offset:
                 self.zero_point.mul_((new_max - new_min) / (old_max - old_min)).clamp_(new_min, new_max)
 
@@ -216,10 +249,11 @@ class LSQQuantizer(FakeQuantizer):
         qmin, qmax = self.qrange()
         # Keep the step positive without bumping the parameter's version counter (it may be saved for
         # backward by an earlier call of this same quantizer in this step).
-        self.scale.data.clamp_(min=_EPS)
+        step = self._step()
+        step.data.clamp_(min=_EPS)
         grad_factor = 1.0 / math.sqrt(self._elements_per_step(x) * qmax)
         zero_point = self.zero_point if self.learn_offset else None
-        return fake_quantize(x, self.scale, zero_point, qmin, qmax, self.ch_axis, grad_factor)
+        return fake_quantize(x, step, zero_point, qmin, qmax, self.ch_axis, grad_factor)
 
     def _elements_per_step(self, x: torch.Tensor) -> float:
         """N of LSQ's gradient scale: the elements one step quantizes — for a weight all of them (per

@@ -253,7 +253,8 @@ def _candidates(value: Any) -> str | None:
 BITS_TABLE = Table({"plan": Key((str,), doc="a bit-plan TOML (from fxquant search), relative to this recipe")})
 SEARCH = Table(
     {
-        "method": Key((str,), choices=("hessian", "sam"), doc="sensitivity measure"),
+        "method": Key((str,), choices=("hessian", "sam", "saq"), doc="sensitivity measure, or SAQ's generator"),
+        "iterations": Key((int,), check=_positive, doc="generator iterations for method = saq (default 100)"),
         "budget": Key((str,), doc="0.25xW8A8, 0.5xFP32, avg3, 1.2e9 or size:150kB"),
         "candidates": Key((list,), check=_candidates, doc="bit widths to choose from (default [2, 3, 4, 8])"),
         "batches": Key((int,), check=_positive, doc="calibration batches (default 2)"),

@@ -118,8 +118,14 @@ class SAM:
         self._outputs: dict[int, torch.Tensor] = {}
         self._perturbation: dict[int, torch.Tensor] = {}
         self._mode = "off"
-        for q in self.quantizers:
-            q.register_forward_hook(self._hook)
+        self.last_perturbed_loss: float | None = None
+        self._handles = [q.register_forward_hook(self._hook) for q in self.quantizers]
+
+    def remove(self) -> None:
+        """Detach the hooks from the model's weight quantizers."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     # -- the hook on weight quantizers: capture Q(w) and its gradient, or add ε ------------------------
     def _hook(self, module: nn.Module, _inputs, output: torch.Tensor):
@@ -176,6 +182,7 @@ class SAM:
             with _frozen_bn_statistics(self.model, not self.config.update_bn_in_second_pass):
                 second = sum(closure().values())
                 second.backward()
+                self.last_perturbed_loss = float(second.detach())
         finally:
             self._mode = "off"
             self._perturbation = {}

@@ -290,16 +290,30 @@ def search(
     tol: float = 0.05,
     max_iterations: int = 50,
     progress: bool = False,
+    iterations: int = 100,
 ) -> tuple[dict[str, tuple[int, int]], list[LayerInfo]]:
     """Sensitivity, then the exact allocation; returns (bit plan, per-layer table). Weight and activation bits
-    are tied (each layer gets (b, b)); fixed first/last widths are kept.
+    are tied (each layer gets (b, b)); fixed first/last widths are kept. ``method = "saq"`` learns the
+    configuration with SAQ's generator instead (:mod:`fxquant.saq_generator`, ``iterations`` steps).
 
     Example usage::
 
         plan, layers = search(qmodel, [(x, y)], "0.25xW8A8", method="sam")
     """
-    if method not in ("hessian", "sam"):
-        raise FxQuantError(f"search method must be 'hessian' or 'sam', got {method!r}")
+    if method not in ("hessian", "sam", "saq"):
+        raise FxQuantError(f"search method must be 'hessian', 'sam' or 'saq', got {method!r}")
+    if method == "saq":  # SAQ's learned generator: the last batch is held out
+        from fxquant.saq_generator import generate
+
+        if len(batches) < 2:
+            raise FxQuantError("the saq method needs at least 2 batches (training and held-out)")
+        plan, _ = generate(
+            qmodel, batches[:-1], batches[-1:], budget, candidates, iterations, rho=rho, example_inputs=example_inputs
+        )
+        layers = layer_table(qmodel, example_inputs)
+        for layer in layers:
+            layer.bits = plan[layer.name][0]
+        return plan, layers
     layers = layer_table(qmodel, example_inputs)
     limit = parse_budget(budget, layers)
     if method == "hessian":

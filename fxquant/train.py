@@ -352,6 +352,7 @@ def _search_first(model: nn.Module, train_data: Any, config: dict, bar_console) 
         return
     from fxquant import search
 
+    distributed.initialize_quantizers(model, next(iter(DataLoader(train_data, batch_size=config["batch_size"])))[0])
     loader = DataLoader(coreset.plain_view(train_data), batch_size=config["batch_size"], shuffle=False)
     batches = [batch[:1] + batch[-1:] for _, batch in zip(range(table.get("batches", 2)), loader)]
     example = batches[0][0][:1]
@@ -366,6 +367,7 @@ def _search_first(model: nn.Module, train_data: Any, config: dict, bar_console) 
         tol=table.get("tol", 0.05),
         max_iterations=table.get("max_iterations", 50),
         progress=bool(bar_console),
+        iterations=table.get("iterations", 100),
     )
     search.apply(model, plan)
     model.__dict__["searched"] = plan

@@ -115,3 +115,33 @@ def test_fit_runs_a_recipe_search_before_training():
     plan = qmodel.searched
     assert set(plan.values()) <= {(2, 2), (3, 3), (4, 4), (8, 8)} and plan["conv1"] == (8, 8)
     assert fxquant.load_recipe("mixed_hessian").data["search"]["method"] == "hessian"
+
+
+def test_controller_learns_to_prefer_cheap_choices():
+    """REINFORCE alone: with reward = −(number of non-zero choices), the first choice's probability grows."""
+    from fxquant.saq_generator import Controller
+
+    torch.manual_seed(0)
+    controller = Controller(layers=3, choices=3)
+    optimizer = torch.optim.Adam(controller.parameters(), lr=0.05)
+    baseline = None
+    for _ in range(150):
+        actions, log_prob, _ = controller.sample()
+        reward = -float(sum(a != 0 for a in actions))
+        baseline = reward if baseline is None else 0.9 * baseline + 0.1 * reward
+        optimizer.zero_grad()
+        (-(reward - baseline) * log_prob).backward()
+        optimizer.step()
+    assert controller.sample(greedy=True)[0] == [0, 0, 0]
+
+
+def test_saq_generator_returns_a_plan_inside_the_budget():
+    torch.manual_seed(0)
+    qmodel = fxquant.prepare_qat(fxquant.models.resnet20(), "lsq_w4a4", torch.randn(1, 1, 28, 28))
+    batches = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(3)]
+    fxquant.distributed.initialize_quantizers(qmodel, batches[0][0])
+    plan, layers = fxquant.search.search(qmodel, batches, "avg4", method="saq", iterations=4)
+    budget = parse_budget("avg4", layers)
+    assert fxquant.search.total_cost(layers, plan, budget) <= budget.limit
+    assert plan["conv1"] == (8, 8)
+    assert all(q.width_steps is None for q in qmodel.quantizers().values() if hasattr(q, "width_steps"))
