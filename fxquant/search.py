@@ -2,7 +2,8 @@
 
 1. **Cost** (:func:`layer_table`): per quantized layer, MACs per sample from example inputs (``fxquant.cost``),
    BOPs(b_w, b_a) = MACs·b_w·b_a, weight bytes = params·b_w/8. Budgets (:func:`parse_budget`): ``0.25xW8A8``,
-   ``0.5xFP32``, ``avg3`` (the BOPs of uniform 3 bits), ``1.2e9`` (absolute BOPs), ``size:150kB`` (weight bytes).
+   ``0.5xFP32``, ``avg3`` (the BOPs of the uniform 3-bit recipe: 3 bits except the fixed first/last layers, so
+   a searched plan is compared with ``lsq_w3a3`` at equal BOPs), ``1.2e9`` (absolute BOPs), ``size:150kB``.
 2. **Sensitivity** on calibration batches, with the quantizers off (the sharpness of the float loss):
    :func:`hutchinson_traces` — Tr(H_i) of each layer's weight block by Hutchinson's estimator (Rademacher v,
    one Hessian-vector product per iteration for all layers; cross-layer terms vanish in expectation), until
@@ -125,9 +126,9 @@ def parse_budget(text: str, layers: Sequence[LayerInfo]) -> Budget:
         reference = 32 * 32 if ratio.group(2).upper() == "FP32" else int(ratio.group(3)) * int(ratio.group(4))
         return Budget("bops", factor * macs * reference, text)
     average = re.fullmatch(r"avg([0-9.]+)", spec, flags=re.IGNORECASE)
-    if average:
+    if average:  # the BOPs of the uniform recipe: b bits everywhere except fixed (first/last) layers
         b = float(average.group(1))
-        return Budget("bops", macs * b * b, text)
+        return Budget("bops", sum(layer.macs * (layer.fixed_bits or b) ** 2 for layer in layers), text)
     size = re.fullmatch(r"size:([0-9.eE+]+)([kKmMgG]?i?[bB])", spec)
     if size:
         return Budget("size", float(size.group(1)) * _SIZE_UNITS[size.group(2).lower()], text)

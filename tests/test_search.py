@@ -76,7 +76,8 @@ def test_budgets():
     assert macs == 3 * 4 + 4 * 3
     assert parse_budget("0.25xW8A8", layers).limit == pytest.approx(0.25 * 64 * macs)
     assert parse_budget("1xFP32", layers).limit == pytest.approx(1024 * macs)
-    assert parse_budget("avg3", layers).limit == pytest.approx(9 * macs)
+    # both layers of this model are first/last (fixed at 8 bits): the uniform-3-bit recipe costs 64·MACs
+    assert parse_budget("avg3", layers).limit == pytest.approx(64 * macs)
     assert parse_budget("size:2kB", layers).limit == 2000 and parse_budget("size:2kB", layers).kind == "size"
     assert parse_budget("1e6", layers).limit == 1e6
     with pytest.raises(FxQuantError, match="not understood"):

@@ -1,0 +1,110 @@
+"""Sharpness: LSQ vs SAQ, and uniform widths vs searched per-layer plans at equal BOPs, on Fashion-MNIST.
+
+Rows: lsq vs saq at W4A4 and W2A2; uniform lsq_w3a3 / lsq_w2a2 vs plans searched by Hessian trace, SAM loss
+increase and SAQ's generator at the same BOPs (``avg3`` / ``avg2``: the uniform recipe's BOPs, first/last layers
+at 8 bits), each then trained with plain LSQ so that only the plan differs. Every run starts from the same FP
+checkpoint (benchmarks/accuracy.py's quick preset) and trains the same epochs on the same data.
+
+    python benchmarks/sharpness.py [--epochs 1] [--budgets avg3,avg2] [--threads 2]
+
+Writes benchmarks/results/sharpness.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+import fxquant
+from fxquant.data import fashion_mnist
+from fxquant.summary import collect
+from fxquant.train import evaluate, fit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import PRESETS, RESULTS, fp_checkpoint
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--budgets", default="avg3,avg2")
+    parser.add_argument("--methods", default="hessian,sam,saq")
+    parser.add_argument("--saq-iterations", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    train = fashion_mnist("train", augment="standard", limit=PRESETS["quick"]["train_images"])
+    fp, _ = fp_checkpoint("resnet20", "quick", 0, train)
+    test = torch.utils.data.DataLoader(fashion_mnist("test"), batch_size=512)
+    fp_top1 = evaluate(fp, test)["top1"]
+    example = torch.randn(1, 1, 28, 28)
+    runs: list[tuple[str, str | dict]] = [
+        ("LSQ W4A4", "lsq_w4a4"),
+        ("SAQ W4A4", "saq_w4a4"),
+        ("LSQ W2A2", "lsq_w2a2"),
+        ("SAQ W2A2", "saq_w2a2"),
+    ]
+    for budget in args.budgets.split(","):
+        bits = budget.removeprefix("avg")
+        uniform = f"lsq_w{bits}a{bits}"
+        if (f"LSQ W{bits}A{bits}", uniform) not in runs:
+            runs.append((f"uniform W{bits}A{bits}", uniform))
+        for method in args.methods.split(","):
+            search = {"method": method, "budget": budget, "batches": 4 if method == "saq" else 2}
+            if method == "saq":
+                search["iterations"] = args.saq_iterations
+            runs.append((f"{method} plan @ {budget}", {"extends": "lsq_w4a4", "search": search}))
+    rows = []
+    for label, recipe in runs:
+        torch.manual_seed(0)
+        qmodel = fxquant.prepare_qat(fp, recipe, example)
+        start = time.perf_counter()
+        history = fit(qmodel, train, None, {**qmodel.recipe.train, "epochs": args.epochs}, description=label)
+        seconds = time.perf_counter() - start
+        _, totals = collect(qmodel)
+        searched = qmodel.__dict__.get("searched")
+        rows.append(
+            {
+                "run": label,
+                "top1": evaluate(qmodel, test)["top1"],
+                "gbops": totals["bops"] / 1e9,
+                "seconds": seconds,
+                "img_per_s": history[-1].images_per_second,
+                "plan_widths": sorted({w for w, _ in searched.values()}) if searched else None,
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    table = tabulate(
+        [
+            [r["run"], f"{r['top1']:.2f}", f"{r['top1'] - fp_top1:+.2f}", f"{r['gbops']:.3f}",
+             f"{r['seconds']:.0f} s", ",".join(map(str, r["plan_widths"])) if r["plan_widths"] else "uniform"]
+            for r in rows
+        ],
+        headers=["run", "top-1 %", "Δ vs FP", "GBOPs / image", "time (search + training)", "widths used"],
+        tablefmt="github",
+    )  # fmt: skip
+    command = "python benchmarks/sharpness.py " + " ".join(sys.argv[1:])
+    text = (
+        "# Sharpness: LSQ vs SAQ, uniform vs searched bit widths · Fashion-MNIST resnet20\n\n"
+        f"Command: `{command.strip()}`; torch {torch.__version__}, {torch.get_num_threads()} threads. FP top-1 "
+        f"{fp_top1:.2f}% (accuracy.py quick checkpoint); every run {args.epochs} epoch(s) of QAT on "
+        f"{PRESETS['quick']['train_images']} images from it. Searched plans are trained with plain LSQ "
+        "(no SAM) so that only the widths differ from the uniform row at the same budget.\n\n"
+        f"{table}\n"
+    )
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "sharpness.md").write_text(text)
+    (RESULTS / "sharpness.json").write_text(
+        json.dumps({"command": command, "fp_top1": fp_top1, "rows": rows}, indent=1)
+    )
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
