@@ -16,10 +16,15 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -m slow -q
 
+# Each benchmark prints its table and writes benchmarks/results/; together they take a few hours on 2 cores.
 bench: setup
 	$(PY) benchmarks/prepare.py
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/accuracy.py --quick
+	$(PY) benchmarks/accuracy.py --quick --recipes features_short --qat-epochs 1 --tag features
+	$(PY) benchmarks/coreset.py --quick
+	$(PY) benchmarks/zeroshot.py
+	$(PY) benchmarks/sharpness.py
 
 lint: setup
 	$(PY) -m ruff check fxquant passes recipes tests benchmarks
