@@ -18,3 +18,14 @@ def test_quick_start_runs(tmp_path, monkeypatch):
     assert set(namespace["metrics"]) >= {"loss", "acc"}
     assert namespace["float_logits"].shape == (4, 10)
     assert (tmp_path / "resnet18_w4a4.pt").is_file()
+
+
+def test_readme_recipes_are_valid():
+    import tomllib
+
+    import fxquant
+
+    blocks = re.findall(r"```toml\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks
+    for block in blocks:
+        fxquant.load_recipe(tomllib.loads(block))
