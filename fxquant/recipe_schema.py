@@ -214,6 +214,7 @@ ZEROSHOT = Table(
         "long_range": Key((bool,), doc="LRQ's large-kernel attention blocks in the generator"),
         "generator_lr": Key(NUMBER, check=_positive),
         "student_lr": Key(NUMBER, check=_positive),
+        "student_optimizer": Key((str,), choices=("sgd", "adam"), doc="default sgd (momentum 0.9)"),
         "ama": Key((bool,), doc="additive angular margin in the generator's cross-entropy"),
         "margin": Key(NUMBER, check=_non_negative, doc="AMA margin m (radians)"),
         "scale": Key(NUMBER, check=_positive, doc="AMA logit scale s"),

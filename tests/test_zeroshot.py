@@ -99,7 +99,7 @@ def test_tiny_end_to_end_beats_no_training():
                   "first_layer": {"weight_bits": 2, "activation_bits": 2},
                   "last_layer": {"weight_bits": 2, "activation_bits": 2}},
         "zeroshot": {"iterations": 150, "warmup_iterations": 30, "batch_size": 64, "latent_dim": 16,
-                     "generator_channels": 16, "student_lr": 0.01},
+                     "generator_channels": 16, "student_optimizer": "adam", "student_lr": 0.01},
     }  # fmt: skip
     # the baseline: the same generator warm-up, quantizers initialised on its images, no student training
     untrained = fxquant.prepare_qat(fp, recipe)
