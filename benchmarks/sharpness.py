@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--methods", default="hessian,sam,saq")
     parser.add_argument("--saq-iterations", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only-plans", action="store_true", help="run the searched-plan rows only")
+    parser.add_argument("--tag", default="", help="suffix of the result files")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     train = fashion_mnist("train", augment="standard", limit=PRESETS["quick"]["train_images"])
@@ -60,6 +62,8 @@ def main() -> None:
             if method == "saq":
                 search["iterations"] = args.saq_iterations
             runs.append((f"{method} plan @ {budget}", {"extends": "lsq_w4a4", "search": search}))
+    if args.only_plans:
+        runs = [(label, recipe) for label, recipe in runs if isinstance(recipe, dict)]
     rows = []
     for label, recipe in runs:
         torch.manual_seed(0)
@@ -99,10 +103,9 @@ def main() -> None:
         f"{table}\n"
     )
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "sharpness.md").write_text(text)
-    (RESULTS / "sharpness.json").write_text(
-        json.dumps({"command": command, "fp_top1": fp_top1, "rows": rows}, indent=1)
-    )
+    stem = "sharpness" + (f"_{args.tag}" if args.tag else "")
+    (RESULTS / f"{stem}.md").write_text(text)
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"command": command, "fp_top1": fp_top1, "rows": rows}, indent=1))
     print(text)
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from fxquant.errors import FxQuantError
 from fxquant.quantizers import LSQQuantizer
 from fxquant.sam import SAM, SAMConfig
-from fxquant.search import DEFAULT_CANDIDATES, LayerInfo, apply, layer_table, parse_budget, total_cost
+from fxquant.search import DEFAULT_CANDIDATES, LayerInfo, apply, layer_table, parse_budget, tie_groups, total_cost
 
 
 class Controller(nn.Module):
@@ -106,7 +106,11 @@ def generate(
     """
     layers = layer_table(qmodel, example_inputs)
     target = parse_budget(budget, layers)
-    searchable = [layer for layer in layers if not layer.fixed_bits]
+    # one choice per group of layers that must share a width (they read one activation quantizer)
+    groups = tie_groups(qmodel, layers)
+    fixed_widths = {layer.name: layer.fixed_bits for layer in layers if layer.fixed_bits}
+    searchable = [g for g in groups if not any(layer.name in fixed_widths for layer in g)]
+    pinned = [g for g in groups if any(layer.name in fixed_widths for layer in g)]
     if not searchable:
         raise FxQuantError("no layer to search: every quantized layer has a fixed width")
     quantizers = [m for m in qmodel.modules() if isinstance(m, LSQQuantizer)]
@@ -120,12 +124,15 @@ def generate(
     controller_opt = torch.optim.Adam(controller.parameters(), lr=controller_lr)
     supernet_opt = torch.optim.SGD([p for p in qmodel.parameters() if p.requires_grad], lr=lr, momentum=0.9)
     sam = SAM(qmodel, SAMConfig(rho=rho))
-    fixed = {layer.name: (layer.fixed_bits, layer.fixed_bits) for layer in layers if layer.fixed_bits}
+    fixed = {}
+    for g in pinned:  # a group holding a first/last layer takes that layer's width
+        width = max(fixed_widths[layer.name] for layer in g if layer.name in fixed_widths)
+        fixed.update({layer.name: (width, width) for layer in g})
     result = GeneratorResult({}, 0.0, target.limit, math.inf)
     baseline = None
 
     def plan_of(actions: list[int]) -> dict[str, tuple[int, int]]:
-        chosen = {layer.name: (candidates[a], candidates[a]) for layer, a in zip(searchable, actions)}
+        chosen = {layer.name: (candidates[a], candidates[a]) for g, a in zip(searchable, actions) for layer in g}
         return {**fixed, **chosen}
 
     try:
@@ -169,7 +176,7 @@ def generate(
             if best is None or sharpness < best[0]:
                 best = (sharpness, plan)
         if best is None:
-            cheapest = {**fixed, **{layer.name: (min(candidates),) * 2 for layer in searchable}}
+            cheapest = {**fixed, **{layer.name: (min(candidates),) * 2 for g in searchable for layer in g}}
             raise FxQuantError(
                 f"no sampled configuration fits the budget {budget} (the cheapest uses "
                 f"{total_cost(layers, cheapest, target) / target.limit:.2f}× of it); raise the penalty or iterations"

@@ -11,8 +11,9 @@
    :func:`sam_increases` — L(w + ρ·g_i/‖g_i‖) − L(w), the loss increase of a SAM step restricted to layer i.
 3. **Perturbation term** Ω_i(b) = S_i/n_i·‖Q_b(w_i) − w_i‖² with Q_b the per-channel LSQ-initialised grid.
 4. **Allocation** (:func:`allocate`): minimise Σ Ω_i(b_i) subject to Σ cost_i(b_i) ≤ budget, one width per layer
-   (or per tied group), fixed widths for the recipe's first/last layers; solved exactly by dynamic programming
-   over Pareto frontiers (cost, Ω) — no discretisation of the budget.
+   (or per tied group: the user's ties plus layers reading one activation quantizer, which must share its
+   width), fixed widths for the recipe's first/last layers; solved exactly by dynamic programming over Pareto
+   frontiers (cost, Ω) — no discretisation of the budget.
 5. **Plan**: ``{layer: (weight_bits, activation_bits)}``, saved as TOML (:func:`save_plan`), applied to a prepared
    model without re-tracing (:func:`apply`) or from a recipe's ``[bits] plan = "file.toml"``.
 
@@ -98,6 +99,58 @@ def layer_table(qmodel: nn.Module, example_inputs: Any = None) -> list[LayerInfo
         cost = costs.get(record.name)
         layers.append(LayerInfo(record.name, cost.macs if cost else 0, params, weight, fixed))
     return layers
+
+
+def shared_input_groups(qmodel: nn.Module) -> list[list[str]]:
+    """Layers that read the same activation quantizer (e.g. a residual block's first conv and its downsample):
+    one quantizer has one width, so with tied weight/activation bits these layers must share a width — else the
+    widest would set the shared input's width and the real BOPs would exceed the plan's."""
+    parent: dict[str, str] = {}
+
+    def find(name: str) -> str:
+        while parent.setdefault(name, name) != name:
+            name = parent[name]
+        return name
+
+    owner_of: dict[int, str] = {}
+    for record in qmodel.report.layers:
+        find(record.name)
+        for q in qmodel.layer_quantizers(record)[1]:
+            if id(q) in owner_of:
+                parent[find(record.name)] = find(owner_of[id(q)])
+            else:
+                owner_of[id(q)] = record.name
+    groups: dict[str, list[str]] = {}
+    for record in qmodel.report.layers:
+        groups.setdefault(find(record.name), []).append(record.name)
+    return [members for members in groups.values() if len(members) > 1]
+
+
+def tie_groups(
+    qmodel: nn.Module, layers: Sequence[LayerInfo], tie: Sequence[Sequence[str]] = ()
+) -> list[list[LayerInfo]]:
+    """Every layer in exactly one group: the user's ties merged with :func:`shared_input_groups`."""
+    by_name = {layer.name: layer for layer in layers}
+    for names in tie:
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise FxQuantError(
+                f"tie names unknown layer {unknown[0]!r} (did you mean {closest(unknown[0], by_name)!r}?)"
+            )
+    parent = {name: name for name in by_name}
+
+    def find(name: str) -> str:
+        while parent[name] != name:
+            name = parent[name]
+        return name
+
+    for names in [*tie, *shared_input_groups(qmodel)]:
+        for other in names[1:]:
+            parent[find(other)] = find(names[0])
+    groups: dict[str, list[LayerInfo]] = {}
+    for layer in layers:
+        groups.setdefault(find(layer.name), []).append(layer)
+    return list(groups.values())
 
 
 def _weight_owner(qmodel: nn.Module, record) -> nn.Module | None:
@@ -329,18 +382,7 @@ def search(
             b: (layer.sensitivity / n * quantization_error(layer.weight, b) if layer.weight is not None else 0.0)
             for b in options
         }
-    by_name = {layer.name: layer for layer in layers}
-    groups: list[list[LayerInfo]] = []
-    grouped: set[str] = set()
-    for names in tie:
-        unknown = [n for n in names if n not in by_name]
-        if unknown:
-            raise FxQuantError(
-                f"tie names unknown layer {unknown[0]!r} (did you mean {closest(unknown[0], by_name)!r}?)"
-            )
-        groups.append([by_name[n] for n in names])
-        grouped.update(names)
-    groups += [[layer] for layer in layers if layer.name not in grouped]
+    groups = tie_groups(qmodel, layers, tie)
     option_lists = []
     for members in groups:
         shared = set.intersection(*(set(m.omega) for m in members))

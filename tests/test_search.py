@@ -146,3 +146,18 @@ def test_saq_generator_returns_a_plan_inside_the_budget():
     assert fxquant.search.total_cost(layers, plan, budget) <= budget.limit
     assert plan["conv1"] == (8, 8)
     assert all(q.width_steps is None for q in qmodel.quantizers().values() if hasattr(q, "width_steps"))
+
+
+def test_layers_reading_one_activation_quantizer_share_a_width_so_real_bops_fit():
+    from fxquant.search import shared_input_groups
+    from fxquant.summary import collect
+
+    torch.manual_seed(0)
+    qmodel = fxquant.prepare_qat(fxquant.models.resnet20(), "lsq_w4a4", torch.randn(1, 1, 28, 28))
+    groups = shared_input_groups(qmodel)
+    assert ["layer2.0.conv1", "layer2.0.downsample.0"] in [sorted(g) for g in groups]
+    batches = [(torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,)))]
+    plan, layers = fxquant.search.search(qmodel, batches, "avg3", method="sam")
+    apply(qmodel, plan)
+    _, totals = collect(qmodel)
+    assert totals["bops"] <= parse_budget("avg3", layers).limit * (1 + 1e-9)
