@@ -26,7 +26,7 @@ from torch import nn
 from fxquant.errors import FxQuantError
 from fxquant.quantizers import LSQQuantizer
 from fxquant.sam import SAM, SAMConfig
-from fxquant.search import DEFAULT_CANDIDATES, LayerInfo, apply, layer_table, parse_budget, tie_groups, total_cost
+from fxquant.search import DEFAULT_CANDIDATES, apply, layer_table, parse_budget, tie_groups, total_cost
 
 
 class Controller(nn.Module):
@@ -192,9 +192,3 @@ def generate(
     for layer in layers:
         layer.bits = result.plan[layer.name][0]
     return result.plan, result
-
-
-def annotate_layers(layers: Sequence[LayerInfo], result: GeneratorResult) -> None:
-    """Copy the chosen widths into a layer table (for reports)."""
-    for layer in layers:
-        layer.bits = result.plan.get(layer.name, (layer.bits, layer.bits))[0]

@@ -25,6 +25,7 @@ Example usage::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import tomllib
@@ -229,7 +230,7 @@ def hutchinson_traces(
     qmodel.eval()
     bar = _progress() if progress else None
     try:
-        with disable_quant(qmodel), bar or _null():
+        with disable_quant(qmodel), bar or contextlib.nullcontext():
             task = bar.add_task("Hessian trace", total=max_iterations) if bar else None
             loss = _loss(qmodel, batches)
             grads = torch.autograd.grad(loss, params, create_graph=True)
@@ -504,11 +505,3 @@ def _progress():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -25,6 +25,7 @@ Example usage::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -261,7 +262,7 @@ def train(
     )
     first_batch = True
     try:
-        with bar or _null():
+        with bar or contextlib.nullcontext():
             task = bar.add_task("zero-shot", total=iterations) if bar else None
             for it in range(iterations):
                 # -- generator step: the FP model should recognise its label, with margin, and see BN-like data
@@ -345,11 +346,3 @@ def _progress():
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -79,11 +79,6 @@ def build_losses(recipe: Recipe) -> list[AuxLoss]:
     return losses
 
 
-def needs_fp_teacher(recipe: Recipe) -> bool:
-    """Whether some loss of the recipe distils from the FP model."""
-    return any(loss.teacher_kind == "fp" for loss in build_losses(recipe))
-
-
 __all__ = [
     "LOSS_CLASSES",
     "AuxLoss",
@@ -103,6 +98,5 @@ __all__ = [
     "kd_loss",
     "mec_loss",
     "mec_moe_loss",
-    "needs_fp_teacher",
     "sigmoid_rampup",
 ]
