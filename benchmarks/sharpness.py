@@ -61,7 +61,8 @@ def main() -> None:
             search = {"method": method, "budget": budget, "batches": 4 if method == "saq" else 2}
             if method == "saq":
                 search["iterations"] = args.saq_iterations
-            runs.append((f"{method} plan @ {budget}", {"extends": "lsq_w4a4", "search": search}))
+            # the plan's training table is the uniform recipe's of the same budget: only the widths differ
+            runs.append((f"{method} plan @ {budget}", {"extends": uniform, "search": search}))
     if args.only_plans:
         runs = [(label, recipe) for label, recipe in runs if isinstance(recipe, dict)]
     rows = []

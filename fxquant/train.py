@@ -370,6 +370,11 @@ def _search_first(model: nn.Module, train_data: Any, config: dict, bar_console) 
         iterations=table.get("iterations", 100),
     )
     search.apply(model, plan)
+    # Steps are initialised at the planned widths on the first training batch (as a uniform recipe's are), not
+    # rescaled from the recipe's default width: at 2 bits the two differ a lot.
+    for q in model.modules():
+        if isinstance(q, FakeQuantizer):
+            q.initialized.fill_(False)
     model.__dict__["searched"] = plan
     if bar_console:
         search.report(layers, search.parse_budget(table["budget"], layers), plan, table.get("method", "hessian"))
