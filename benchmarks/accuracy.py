@@ -69,6 +69,14 @@ def fp_checkpoint(model_name: str, preset: str, seed: int, train_data) -> tuple[
     return model, time.perf_counter() - start
 
 
+def quick_setup(model_name: str = "resnet20", seed: int = 0):
+    """What the method benchmarks start from: (training data, FP model, test loader, FP top-1) of the quick preset."""
+    train = fashion_mnist("train", augment="standard", limit=PRESETS["quick"]["train_images"])
+    fp, _ = fp_checkpoint(model_name, "quick", seed, train)
+    test = torch.utils.data.DataLoader(fashion_mnist("test"), batch_size=512)
+    return train, fp, test, evaluate(fp, test)["top1"]
+
+
 def run_recipe(recipe: str, fp_model, train_data, test_data, epochs: int, seed: int) -> dict:
     torch.manual_seed(seed)
     qmodel = fxquant.prepare_qat(fp_model, recipe, torch.randn(1, 1, 28, 28))

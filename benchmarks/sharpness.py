@@ -22,12 +22,11 @@ import torch
 from tabulate import tabulate
 
 import fxquant
-from fxquant.data import fashion_mnist
 from fxquant.summary import collect
 from fxquant.train import evaluate, fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import PRESETS, RESULTS, fp_checkpoint
+from accuracy import PRESETS, RESULTS, quick_setup
 
 
 def main() -> None:
@@ -41,10 +40,7 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix of the result files")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    train = fashion_mnist("train", augment="standard", limit=PRESETS["quick"]["train_images"])
-    fp, _ = fp_checkpoint("resnet20", "quick", 0, train)
-    test = torch.utils.data.DataLoader(fashion_mnist("test"), batch_size=512)
-    fp_top1 = evaluate(fp, test)["top1"]
+    train, fp, test, fp_top1 = quick_setup()
     example = torch.randn(1, 1, 28, 28)
     runs: list[tuple[str, str | dict]] = [
         ("LSQ W4A4", "lsq_w4a4"),

@@ -21,11 +21,10 @@ import torch
 from tabulate import tabulate
 
 import fxquant
-from fxquant.data import fashion_mnist
 from fxquant.train import evaluate, fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import PRESETS, RESULTS, fp_checkpoint
+from accuracy import RESULTS, quick_setup
 
 ABLATIONS = {
     "LRQ": {},
@@ -46,10 +45,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    train = fashion_mnist("train", augment="standard", limit=PRESETS["quick"]["train_images"])
-    fp, _ = fp_checkpoint("resnet20", "quick", 0, train)
-    test = torch.utils.data.DataLoader(fashion_mnist("test"), batch_size=512)
-    fp_top1 = evaluate(fp, test)["top1"]
+    train, fp, test, fp_top1 = quick_setup()
     common = {
         "iterations": args.iterations,
         "warmup_iterations": args.warmup,
