@@ -142,10 +142,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     console = Console(quiet=not info.is_main)
     model = _model_from_spec(args.model)
     if args.init:
-        state = torch.load(args.init, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "format" in state:
-            raise ValueError(f"--init {args.init} is an fxquant checkpoint; --init takes a float state_dict")
-        model.load_state_dict(state)
+        _load_float_state(model, args.init, "--init")
     channels = _input_channels(model)
     train_data = _with_channels(fashion_mnist("train", augment=args.augment, limit=args.train_images), channels)
     test_data = _with_channels(fashion_mnist("test"), channels)
@@ -185,10 +182,7 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 
     console = Console()
     model = _model_from_spec(args.arch)
-    state = torch.load(args.model, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "format" in state:
-        raise ValueError(f"--model {args.model} is an fxquant checkpoint; zero-shot starts from a float state_dict")
-    model.load_state_dict(state)
+    _load_float_state(model, args.model, "--model")
     qmodel = fxquant.prepare_qat(model, args.recipe)
     overrides = {k: v for k, v in {"iterations": args.iterations, "seed": args.seed}.items() if v is not None}
     channels = _input_channels(model)
@@ -223,7 +217,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     console = Console()
     model = _model_from_spec(args.model)
     if args.init:
-        model.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True))
+        _load_float_state(model, args.init, "--init")
     shape = _shape(args.input)
     qmodel = fxquant.prepare_qat(model, args.recipe, torch.randn(*shape))
     if args.data == "fashion-mnist":
@@ -256,6 +250,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     hint = escape(f'[bits] plan = "{args.out}"')
     console.print(f"search took {seconds:.1f} s; use it with {hint} in a recipe")
     return 0
+
+
+def _load_float_state(model: torch.nn.Module, path: str, option: str) -> None:
+    """Load a float state_dict; an fxquant checkpoint here is a one-line error, not a key mismatch."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "format" in state:
+        raise ValueError(f"{option} {path} is an fxquant checkpoint; {option} takes a float state_dict")
+    model.load_state_dict(state)
 
 
 def _input_channels(model: torch.nn.Module) -> int:

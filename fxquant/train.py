@@ -125,7 +125,8 @@ class TrainStep:
     def _student_forwards(self, views: list[torch.Tensor], which: list[int]) -> dict[int, Forward]:
         # Several views go through the student as one batch: one forward per backward (what DDP requires),
         # and one larger batch is faster than two.
-        joint = self._forward(self.model, torch.cat([views[v] for v in which]))
+        batch = views[which[0]] if len(which) == 1 else torch.cat([views[v] for v in which])  # no copy for one view
+        joint = self._forward(self.model, batch)
         return dict(zip(which, _split(joint, len(which))))
 
     def __call__(self, *batch: torch.Tensor) -> dict[str, float]:
