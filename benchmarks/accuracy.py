@@ -96,10 +96,11 @@ def run_recipe(recipe: str, fp_model, train_data, test_data, epochs: int, seed: 
     }
 
 
-def _mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], digits: int = 2) -> str:
+    """ "87.10" for one value, "87.10 ± 0.32" (sample standard deviation) for several."""
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def main() -> None:
@@ -111,6 +112,12 @@ def main() -> None:
     parser.add_argument("--model", default="resnet20", choices=sorted(fxquant.models.MODELS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--qat-epochs", type=int, help="override the preset's QAT epochs")
+    parser.add_argument(
+        "--fp-seed", type=int, help="one FP checkpoint (this seed's) for every QAT seed; default: one per seed"
+    )
+    parser.add_argument(
+        "--merge", help="a results JSON of the same settings whose runs of other seeds join the table (mean ± std)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     preset = "quick" if args.quick else "full"
@@ -126,8 +133,17 @@ def main() -> None:
     test_data = fashion_mnist("test")
     test_loader = torch.utils.data.DataLoader(test_data, batch_size=512)
     runs, fp_runs = [], []
+    if args.merge:  # earlier runs of other seeds, same settings: checked, not assumed
+        earlier = json.loads(Path(args.merge).read_text())
+        if earlier["settings"] != settings:
+            raise SystemExit(f"--merge {args.merge}: its settings {earlier['settings']} differ from {settings}")
+        kept = {r["seed"] for r in earlier["runs"] if r["recipe"] in recipes and r["seed"] not in seeds}
+        runs += [r for r in earlier["runs"] if r["recipe"] in recipes and r["seed"] in kept]
+        fp_runs += [r for r in earlier["fp"] if r["seed"] in kept]
     for seed in seeds:
-        fp_model, fp_seconds = fp_checkpoint(args.model, preset, seed, train_data)
+        fp_model, fp_seconds = fp_checkpoint(
+            args.model, preset, seed if args.fp_seed is None else args.fp_seed, train_data
+        )
         fp_runs.append({"seed": seed, "top1": evaluate(fp_model, test_loader)["top1"], "seconds": fp_seconds})
         for recipe in recipes:
             run = run_recipe(recipe, fp_model, train_data, test_data, settings["qat_epochs"], seed)
@@ -135,11 +151,12 @@ def main() -> None:
             print(f"{recipe} seed {seed}: top-1 {run['top1']:.2f}% (FP {fp_runs[-1]['top1']:.2f}%)", flush=True)
 
     fp_top1 = [r["top1"] for r in fp_runs]
+    fp_of = {fp["seed"]: fp["top1"] for fp in fp_runs}
     speed = {(r["recipe"], r["seed"]): r["images_per_second"] for r in runs}
-    rows = [["FP32", "32/32", _mean_std(fp_top1), "—", "—"]]
+    rows = [["FP32", "32/32", mean_std(fp_top1), "—", "—"]]
     for recipe in recipes:
         mine = [r for r in runs if r["recipe"] == recipe]
-        deltas = [r["top1"] - fp["top1"] for r, fp in zip(mine, fp_runs)]
+        deltas = [r["top1"] - fp_of[r["seed"]] for r in mine]
         # cost relative to plain LSQ at the same widths (lsq_w2a2 for cr_w2a2), when it ran too
         base = "lsq_" + recipe.rsplit("_", 1)[-1]
         cost = [speed[(base, r["seed"])] / r["images_per_second"] for r in mine if (base, r["seed"]) in speed]
@@ -147,8 +164,8 @@ def main() -> None:
             [
                 recipe,
                 f"{mine[0]['wbits']}/{mine[0]['abits']}",
-                _mean_std([r["top1"] for r in mine]),
-                _mean_std(deltas),
+                mean_std([r["top1"] for r in mine]),
+                mean_std(deltas),
                 f"{statistics.mean(cost):.2f}" if cost else "—",
             ]
         )
@@ -163,7 +180,10 @@ def main() -> None:
         f"Command: `{command.strip()}`; torch {torch.__version__}, {torch.get_num_threads()} threads. "
         f"{settings['train_images']} training images (standard augmentation), FP {settings['fp_epochs']} epochs "
         f"(SGD lr 0.1, cosine), every QAT row {settings['qat_epochs']} epochs from that FP checkpoint with its "
-        f"recipe's [train] table; test set 10,000 images; seeds {args.seeds} (mean ± std when several).\n\n"
+        f"recipe's [train] table; test set 10,000 images; seeds {sorted(fp_of)} (mean ± std when several)"
+        + (f", every seed from the FP checkpoint of seed {args.fp_seed}" if args.fp_seed is not None else "")
+        + (f"; runs of seeds not run here merged from {args.merge}" if args.merge else "")
+        + ".\n\n"
         f"{table}\n"
     )
     RESULTS.mkdir(exist_ok=True)

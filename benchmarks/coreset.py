@@ -7,7 +7,7 @@ samples each subset holds.
 
     python benchmarks/coreset.py --quick [--bits w4a4,w2a2] [--fractions 0.1,0.3] [--noise 0,0.2]
 
-Writes benchmarks/results/coreset_<preset>.md and .json.
+Writes benchmarks/results/coreset_<preset>[_<tag>].md and .json.
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ from accuracy import PRESETS, RESULTS, fp_checkpoint
 EPOCHS = {"quick": 3, "full": 6}
 
 
-def run(fp_model, bits, method, fraction, train_data, test_loader, epochs, seed):
+def run(fp_model, bits, method, fraction, train_data, test_loader, epochs, seed, schedule="paper"):
     torch.manual_seed(seed)
     overrides = {}
     data = train_data
     if method == "acs":
-        overrides = {"data": {"coreset": {"fraction": fraction, "refresh_every": 1}}}
+        overrides = {"data": {"coreset": {"fraction": fraction, "refresh_every": 1, "schedule": schedule}}}
     elif method == "random":
         chosen = random_subset(train_data.labels, fraction, seed)
         data = torch.utils.data.Subset(train_data, chosen.tolist())
@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--noise", default="0,0.2")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--schedule", default="paper", help="ACS's EVS/DS weighting: paper, code_cosine, linear")
+    parser.add_argument("--tag", default="", help="suffix of the result files (to keep several tables)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     preset = "quick" if args.quick else "full"
@@ -87,7 +89,9 @@ def main() -> None:
         for bits in args.bits.split(","):
             plan = [("full", 1.0)] + [(m, float(f)) for f in args.fractions.split(",") for m in ("acs", "random")]
             for method, fraction in plan:
-                row = run(fp_model, bits, method, fraction, train_data, test_loader, EPOCHS[preset], args.seed)
+                row = run(
+                    fp_model, bits, method, fraction, train_data, test_loader, EPOCHS[preset], args.seed, args.schedule
+                )
                 row["noise"] = noise
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -121,13 +125,14 @@ def main() -> None:
         f"Command: `{command.strip()}`; torch {torch.__version__}, {torch.get_num_threads()} threads. FP checkpoint "
         f"(clean labels, top-1 {fp_top1:.2f}%) from benchmarks/accuracy.py's {preset} preset; "
         f"{settings['train_images']} training images; every QAT run {EPOCHS[preset]} epochs over its own data; "
-        "ACS re-selects every epoch (paper schedule, EVS then DS); random = a class-balanced random subset of "
-        "the same size, fixed.\n\n"
+        f"ACS re-selects every epoch ({args.schedule} schedule of EVS and DS); random = a class-balanced random "
+        "subset of the same size, fixed.\n\n"
         f"{table}\n"
     )
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"coreset_{preset}.md").write_text(text)
-    (RESULTS / f"coreset_{preset}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+    stem = f"coreset_{preset}" + (f"_{args.tag}" if args.tag else "")
+    (RESULTS / f"{stem}.md").write_text(text)
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
     print(text)
 
 

@@ -5,7 +5,8 @@ increase and SAQ's generator at the same BOPs (``avg3`` / ``avg2``: the uniform 
 at 8 bits), each then trained with plain LSQ so that only the plan differs. Every run starts from the same FP
 checkpoint (benchmarks/accuracy.py's quick preset) and trains the same epochs on the same data.
 
-    python benchmarks/sharpness.py [--epochs 1] [--budgets avg3,avg2] [--threads 2]
+    python benchmarks/sharpness.py [--epochs 1] [--budgets avg3,avg2] [--threads 2] [--seeds 0,1]
+    python benchmarks/sharpness.py --only-budgets --search-first-last --methods hessian,sam,saq
 
 Writes benchmarks/results/sharpness.md and .json.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,7 +28,7 @@ from fxquant.summary import collect
 from fxquant.train import evaluate, fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import PRESETS, RESULTS, quick_setup
+from accuracy import PRESETS, RESULTS, mean_std, quick_setup
 
 
 def main() -> None:
@@ -37,6 +39,13 @@ def main() -> None:
     parser.add_argument("--saq-iterations", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only-plans", action="store_true", help="run the searched-plan rows only")
+    parser.add_argument(
+        "--only-budgets", action="store_true", help="run the uniform and searched-plan rows of the budgets only"
+    )
+    parser.add_argument(
+        "--search-first-last", action="store_true", help="plans may change the first/last layers' widths too"
+    )
+    parser.add_argument("--seeds", default="0", help="QAT seeds (the FP checkpoint is seed 0's); mean ± std rows")
     parser.add_argument("--tag", default="", help="suffix of the result files")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -48,31 +57,44 @@ def main() -> None:
         ("LSQ W2A2", "lsq_w2a2"),
         ("SAQ W2A2", "saq_w2a2"),
     ]
+    budget_rows = set()  # the uniform and plan rows of the budgets
     for budget in args.budgets.split(","):
         bits = budget.removeprefix("avg")
         uniform = f"lsq_w{bits}a{bits}"
-        if (f"LSQ W{bits}A{bits}", uniform) not in runs:
+        if (f"LSQ W{bits}A{bits}", uniform) in runs:
+            budget_rows.add(f"LSQ W{bits}A{bits}")
+        else:
             runs.append((f"uniform W{bits}A{bits}", uniform))
+            budget_rows.add(runs[-1][0])
         for method in args.methods.split(","):
             search = {"method": method, "budget": budget, "batches": 4 if method == "saq" else 2}
+            if args.search_first_last:
+                search["search_first_last"] = True
             if method == "saq":
                 search["iterations"] = args.saq_iterations
             # the plan's training table is the uniform recipe's of the same budget: only the widths differ
-            runs.append((f"{method} plan @ {budget}", {"extends": uniform, "search": search}))
+            label = f"{method} plan @ {budget}" + (" (first/last searched)" if args.search_first_last else "")
+            runs.append((label, {"extends": uniform, "search": search}))
+            budget_rows.add(label)
     if args.only_plans:
         runs = [(label, recipe) for label, recipe in runs if isinstance(recipe, dict)]
+    elif args.only_budgets:
+        runs = [(label, recipe) for label, recipe in runs if label in budget_rows]
+    seeds = [int(s) for s in args.seeds.split(",")]
     rows = []
-    for label, recipe in runs:
-        torch.manual_seed(0)
+    for seed, (label, recipe) in ((seed, run) for seed in seeds for run in runs):
+        torch.manual_seed(seed)
         qmodel = fxquant.prepare_qat(fp, recipe, example)
         start = time.perf_counter()
-        history = fit(qmodel, train, None, {**qmodel.recipe.train, "epochs": args.epochs}, description=label)
+        config = {**qmodel.recipe.train, "epochs": args.epochs}
+        history = fit(qmodel, train, None, config, description=f"{label} seed {seed}", seed=seed)
         seconds = time.perf_counter() - start
         _, totals = collect(qmodel)
         searched = qmodel.__dict__.get("searched")
         rows.append(
             {
                 "run": label,
+                "seed": seed,
                 "top1": evaluate(qmodel, test)["top1"],
                 "gbops": totals["bops"] / 1e9,
                 "seconds": seconds,
@@ -81,22 +103,35 @@ def main() -> None:
             }
         )
         print(json.dumps(rows[-1]), flush=True)
+    table_rows = []
+    for label, _ in runs:  # one row per run, mean ± std over the seeds
+        mine = [r for r in rows if r["run"] == label]
+        top1 = [r["top1"] for r in mine]
+        widths = sorted({w for r in mine for w in (r["plan_widths"] or ())})
+        table_rows.append(
+            [label, mean_std(top1), mean_std([t - fp_top1 for t in top1]), mean_std([r["gbops"] for r in mine], 4),
+             f"{statistics.mean(r['seconds'] for r in mine):.0f} s", ",".join(map(str, widths)) or "uniform"]
+        )  # fmt: skip
     table = tabulate(
-        [
-            [r["run"], f"{r['top1']:.2f}", f"{r['top1'] - fp_top1:+.2f}", f"{r['gbops']:.3f}",
-             f"{r['seconds']:.0f} s", ",".join(map(str, r["plan_widths"])) if r["plan_widths"] else "uniform"]
-            for r in rows
-        ],
+        table_rows,
         headers=["run", "top-1 %", "Δ vs FP", "GBOPs / image", "time (search + training)", "widths used"],
         tablefmt="github",
-    )  # fmt: skip
+        disable_numparse=True,
+    )
     command = "python benchmarks/sharpness.py " + " ".join(sys.argv[1:])
     text = (
         "# Sharpness: LSQ vs SAQ, uniform vs searched bit widths · Fashion-MNIST resnet20\n\n"
         f"Command: `{command.strip()}`; torch {torch.__version__}, {torch.get_num_threads()} threads. FP top-1 "
         f"{fp_top1:.2f}% (accuracy.py quick checkpoint); every run {args.epochs} epoch(s) of QAT on "
-        f"{PRESETS['quick']['train_images']} images from it. Searched plans are trained with plain LSQ "
-        "(no SAM) so that only the widths differ from the uniform row at the same budget.\n\n"
+        f"{PRESETS['quick']['train_images']} images from it; QAT seeds {args.seeds} (mean ± std when several). "
+        "Searched plans are trained with plain LSQ (no SAM) so that only the widths differ from the uniform row at "
+        "the same budget"
+        + (
+            "; they may change the first/last layers' widths too (the budget counts them at 8 bits)"
+            if args.search_first_last
+            else ""
+        )
+        + ".\n\n"
         f"{table}\n"
     )
     RESULTS.mkdir(exist_ok=True)

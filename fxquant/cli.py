@@ -239,6 +239,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         [int(b) for b in args.candidates.split(",")],
         progress=True,
         iterations=args.iterations,
+        search_first_last=args.search_first_last,
     )
     seconds = time.perf_counter() - start
     budget = search.parse_budget(args.budget, layers)
@@ -338,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     find.add_argument("--method", choices=("hessian", "sam", "saq"), default="hessian")
     find.add_argument("--iterations", type=int, default=100, help="generator iterations (--method saq)")
     find.add_argument("--candidates", default="2,3,4,8")
+    find.add_argument(
+        "--search-first-last", action="store_true", help="search the first/last layers' widths too (budget unchanged)"
+    )
     find.add_argument("--input", default="1,1,28,28", help="example input shape")
     find.add_argument("--data", choices=("fashion-mnist", "random"), default="fashion-mnist")
     find.add_argument("--batches", type=int, default=2)

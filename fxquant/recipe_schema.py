@@ -262,6 +262,9 @@ SEARCH = Table(
         "tol": Key(NUMBER, check=_positive, doc="Hutchinson relative tolerance (default 0.05)"),
         "max_iterations": Key((int,), check=_positive, doc="Hutchinson iterations at most (default 50)"),
         "rho": Key(NUMBER, check=_positive, doc="SAM radius for method = sam (default 0.05)"),
+        "search_first_last": Key(
+            (bool,), doc="search the first/last layers' widths too; avgB budgets still count them at 8 bits"
+        ),
     },
     doc="per-layer bit search before training",
 )

@@ -98,17 +98,19 @@ def generate(
     example_inputs=None,
     seed: int = 0,
     progress: bool = False,
+    search_first_last: bool = False,
 ) -> tuple[dict[str, tuple[int, int]], GeneratorResult]:
     """Learn a bit configuration as SAQ's generator does (see the module docstring); returns (plan, result).
 
     ``qmodel``'s quantizers must be initialised (one forward); its weights are trained as the supernet, and
-    its step sharing ends at the chosen widths. First/last layers keep the recipe's widths.
+    its step sharing ends at the chosen widths. First/last layers keep the recipe's widths unless
+    ``search_first_last`` (the budget still counts them at those widths).
     """
     layers = layer_table(qmodel, example_inputs)
     target = parse_budget(budget, layers)
     # one choice per group of layers that must share a width (they read one activation quantizer)
     groups = tie_groups(qmodel, layers)
-    fixed_widths = {layer.name: layer.fixed_bits for layer in layers if layer.fixed_bits}
+    fixed_widths = {layer.name: layer.fixed_bits for layer in layers if layer.fixed_bits and not search_first_last}
     searchable = [g for g in groups if not any(layer.name in fixed_widths for layer in g)]
     pinned = [g for g in groups if any(layer.name in fixed_widths for layer in g)]
     if not searchable:

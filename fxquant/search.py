@@ -51,7 +51,8 @@ class LayerInfo:
     macs: int
     params: int
     weight: nn.Parameter | None
-    fixed_bits: int | None = None  # first/last layers keep the recipe's width
+    fixed_bits: int | None = None  # first/last layers: the recipe's width, which budgets count
+    searched: bool = True  # False when the layer kept its fixed width
     sensitivity: float = 0.0
     omega: dict[int, float] = field(default_factory=dict)
     bits: int | None = None
@@ -346,10 +347,13 @@ def search(
     max_iterations: int = 50,
     progress: bool = False,
     iterations: int = 100,
+    search_first_last: bool = False,
 ) -> tuple[dict[str, tuple[int, int]], list[LayerInfo]]:
     """Sensitivity, then the exact allocation; returns (bit plan, per-layer table). Weight and activation bits
-    are tied (each layer gets (b, b)); fixed first/last widths are kept. ``method = "saq"`` learns the
-    configuration with SAQ's generator instead (:mod:`fxquant.saq_generator`, ``iterations`` steps).
+    are tied (each layer gets (b, b)). The recipe's first/last widths are kept unless ``search_first_last``, in
+    which case they are searched too (an ``avgB`` budget still counts them at the recipe's widths: at ``avg2``
+    that is the only way a plan can differ from uniform 2 bits). ``method = "saq"`` learns the configuration
+    with SAQ's generator instead (:mod:`fxquant.saq_generator`, ``iterations`` steps).
 
     Example usage::
 
@@ -363,11 +367,20 @@ def search(
         if len(batches) < 2:
             raise FxQuantError("the saq method needs at least 2 batches (training and held-out)")
         plan, _ = generate(
-            qmodel, batches[:-1], batches[-1:], budget, candidates, iterations, rho=rho, example_inputs=example_inputs
+            qmodel,
+            batches[:-1],
+            batches[-1:],
+            budget,
+            candidates,
+            iterations,
+            rho=rho,
+            example_inputs=example_inputs,
+            search_first_last=search_first_last,
         )
         layers = layer_table(qmodel, example_inputs)
         for layer in layers:
             layer.bits = plan[layer.name][0]
+            layer.searched = not (layer.fixed_bits and not search_first_last)
         return plan, layers
     layers = layer_table(qmodel, example_inputs)
     limit = parse_budget(budget, layers)
@@ -377,7 +390,9 @@ def search(
         scores = sam_increases(qmodel, layers, batches, rho)
     for layer in layers:
         layer.sensitivity = scores.get(layer.name, 0.0)
-        options = [layer.fixed_bits] if layer.fixed_bits else list(candidates)
+        # the budget still counts a first/last layer at its fixed width; searching it only widens the options
+        layer.searched = not (layer.fixed_bits and not search_first_last)
+        options = list(candidates) if layer.searched else [layer.fixed_bits]
         n = max(layer.params, 1)
         layer.omega = {
             b: (layer.sensitivity / n * quantization_error(layer.weight, b) if layer.weight is not None else 0.0)
@@ -473,9 +488,7 @@ def report(layers: Sequence[LayerInfo], budget: Budget, plan: dict[str, tuple[in
     for layer in layers:
         bits = plan.get(layer.name, (layer.bits, layer.bits))[0]
         cost = budget.cost(layer, bits) if bits else 0
-        table.add_row(
-            layer.name, f"{layer.sensitivity:.4g}", str(bits), f"{cost:.4g}", "yes" if layer.fixed_bits else ""
-        )
+        table.add_row(layer.name, f"{layer.sensitivity:.4g}", str(bits), f"{cost:.4g}", "" if layer.searched else "yes")
     used = total_cost(layers, plan, budget)
     table.caption = f"total {used:.4g} {unit} = {100 * used / budget.limit:.1f}% of the budget"
     console.print(table)

@@ -369,6 +369,7 @@ def _search_first(model: nn.Module, train_data: Any, config: dict, bar_console) 
         max_iterations=table.get("max_iterations", 50),
         progress=bool(bar_console),
         iterations=table.get("iterations", 100),
+        search_first_last=table.get("search_first_last", False),
     )
     search.apply(model, plan)
     # Steps are initialised at the planned widths on the first training batch (as a uniform recipe's are), not

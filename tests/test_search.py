@@ -161,3 +161,23 @@ def test_layers_reading_one_activation_quantizer_share_a_width_so_real_bops_fit(
     apply(qmodel, plan)
     _, totals = collect(qmodel)
     assert totals["bops"] <= parse_budget("avg3", layers).limit * (1 + 1e-9)
+
+
+def test_searching_first_and_last_layers_widens_the_choice_under_the_same_budget():
+    """At avg2 with fixed first/last layers the only plan is uniform 2 bits; searching them too keeps the same
+    budget (they are still counted at 8 bits) and can only lower the allocation's objective."""
+    torch.manual_seed(0)
+    qmodel = fxquant.prepare_qat(fxquant.models.resnet20(), "lsq_w2a2", torch.randn(1, 1, 28, 28))
+    batches = [(torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,)))]
+    fixed_plan, _ = fxquant.search.search(qmodel, batches, "avg2", method="sam")
+    assert {bits for name, bits in fixed_plan.items() if name not in ("conv1", "fc")} == {(2, 2)}
+    free_plan, layers = fxquant.search.search(qmodel, batches, "avg2", method="sam", search_first_last=True)
+    budget = parse_budget("avg2", layers)
+    assert budget.limit == parse_budget("avg2", layer_table(qmodel)).limit  # same budget either way
+    assert fxquant.search.total_cost(layers, free_plan, budget) <= budget.limit
+    assert all(len(layer.omega) == 4 for layer in layers)  # every layer, first/last included, had every width
+
+    def objective(plan):
+        return sum(layer.omega[plan[layer.name][0]] for layer in layers)
+
+    assert objective(free_plan) <= objective(fixed_plan) + 1e-12
