@@ -148,6 +148,7 @@ LOSS_KINDS = {
             **LOSS_COMMON,
             "teacher": Key((str,), choices=("ema", "fp"), doc="EMA of the student (default) or the FP model"),
             "ema_decay": Key(NUMBER, check=_decay, doc="default 0.999"),
+            "ema_warmup": Key((bool,), doc="decay min(ema_decay, 1 − 1/(t+1)) at step t, as Mean Teacher (true)"),
             "T": Key(NUMBER, check=_positive, doc="temperature of the logit KL (default 1)"),
             "logits": Key((bool,), doc="KL between softened logits (default true)"),
             "tap": Key((str,), doc="a tap name or selector for an extra feature MSE"),

@@ -179,3 +179,25 @@ def test_recipes_train_and_gradients_reach_only_the_student(recipe):
         if ema is not None:
             assert all(p.grad is None and not p.requires_grad for p in ema.parameters())
     assert not qmodel.taps, "the store is cleared after the step"
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_ema_teacher_warms_up_to_the_mean_of_the_iterates(warmup):
+    """With warm-up, the EMA after t steps (t < 1/(1 − decay)) is the plain mean of the initial weights and the
+    t iterates; without it, the textbook recursion w_ema ← d·w_ema + (1 − d)·w."""
+    from fxquant.losses.consistency import ConsistencyLoss
+
+    torch.manual_seed(0)
+    student = torch.nn.Linear(3, 2)
+    loss = ConsistencyLoss({"teacher": "ema", "ema_decay": 0.99, "ema_warmup": warmup})
+    loss.teacher_model(student, None)
+    iterates = [student.weight.detach().clone()]
+    expected = iterates[0].clone()
+    for _ in range(5):
+        with torch.no_grad():
+            student.weight.add_(torch.randn_like(student.weight))
+        iterates.append(student.weight.detach().clone())
+        expected = 0.99 * expected + 0.01 * iterates[-1]
+        loss.after_step(student)
+    reference = torch.stack(iterates).mean(0) if warmup else expected
+    torch.testing.assert_close(loss.ema.weight, reference)

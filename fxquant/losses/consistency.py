@@ -2,6 +2,11 @@
 agree with a teacher on another view. Our reading (the paper leaves these open; see METHODS.md): the teacher
 is an EMA of the student (decay 0.999; a mean teacher) or the FP model; agreement is KL on temperature-
 softened logits, optionally plus MSE on a tapped feature; the weight ramps up with a sigmoid.
+
+The EMA warms up as the Mean Teacher reference code does: after step t its decay is min(decay, 1 − 1/(t+1)),
+so until t ≈ 1/(1 − decay) the teacher is the plain mean of the student's iterates. Without it, a 0.999 teacher
+over a short fine-tune (a few hundred steps) stays ≈ the freshly quantized model — at W2A2 a poor one, which
+the consistency term then pulls the student back towards.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ class ConsistencyLoss(AuxLoss):
         super().__init__(config, name)
         self.teacher_kind = config.get("teacher", "ema")
         self.decay = float(config.get("ema_decay", 0.999))
+        self.ema_warmup = bool(config.get("ema_warmup", True))
+        self.ema_steps = 0
         self.T = float(config.get("T", 1.0))
         self.use_logits = bool(config.get("logits", True))
         self.tap = config.get("tap")
@@ -65,8 +72,10 @@ class ConsistencyLoss(AuxLoss):
     def after_step(self, student: nn.Module) -> None:
         if self.ema is None:
             return
+        self.ema_steps += 1
+        decay = min(self.decay, 1.0 - 1.0 / (self.ema_steps + 1)) if self.ema_warmup else self.decay
         for ema_p, p in zip(self.ema.parameters(), student.parameters()):
-            ema_p.mul_(self.decay).add_(p.detach(), alpha=1.0 - self.decay)
+            ema_p.mul_(decay).add_(p.detach(), alpha=1.0 - decay)
         for ema_b, b in zip(self.ema.buffers(), student.buffers()):
             ema_b.copy_(b)
 
