@@ -40,6 +40,7 @@ from torch import nn
 
 from fxquant.errors import FxQuantError, closest
 from fxquant.fake_quant import fake_quantize
+from fxquant.passes.assign_bits import check_plan_layers
 from fxquant.quantizers import integer_range
 
 DEFAULT_CANDIDATES = (2, 3, 4, 8)
@@ -451,13 +452,7 @@ def apply(qmodel: nn.Module, plan: dict[str, tuple[int | None, int | None]]) -> 
         fxquant.search.apply(qmodel, {"layer1.0.conv1": (3, 3)})
     """
     records = {r.name: r for r in qmodel.report.layers}
-    unknown = [name for name in plan if name not in records]
-    if unknown:
-        hint = closest(unknown[0], records)
-        raise FxQuantError(
-            f"bit plan names layer {unknown[0]!r}, which the model does not have"
-            + (f" (did you mean {hint!r}?)" if hint else "")
-        )
+    check_plan_layers(plan, set(records))
     activation_bits: dict[int, tuple[Any, int]] = {}
     for name, (w_bits, a_bits) in plan.items():
         weight_q, act_qs = qmodel.layer_quantizers(records[name])

@@ -16,19 +16,22 @@ from .context import PassContext
 from .insert_quantizers import QUANTIZERS_KEY
 
 
+def check_plan_layers(plan: dict, names: set[str]) -> None:
+    """Raise FxQuantError, with the closest layer name, if ``plan`` names a layer not in ``names``."""
+    unknown = [name for name in plan if name not in names]
+    if unknown:
+        hint = closest(unknown[0], names)
+        raise FxQuantError(
+            f"bit plan names layer {unknown[0]!r}, which the model does not have"
+            + (f" (did you mean {hint!r}?)" if hint else "")
+        )
+
+
 def assign_bits(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Apply ``ctx.bit_plan`` (or the recipe's widths when there is none) to the quantizers of ``gm``."""
     records = [n.meta[QUANTIZERS_KEY] for n in gm.graph.nodes if QUANTIZERS_KEY in n.meta]
     plan = ctx.bit_plan or {}
-    if plan:
-        names = {r.name for r in ctx.layers.values()}
-        unknown = [name for name in plan if name not in names]
-        if unknown:
-            hint = closest(unknown[0], names)
-            raise FxQuantError(
-                f"bit plan names layer {unknown[0]!r}, which the model does not have"
-                + (f" (did you mean {hint!r}?)" if hint else "")
-            )
+    check_plan_layers(plan, {r.name for r in ctx.layers.values()})
     activation_bits: dict[str, int] = {}
     for record in records:
         w_bits, a_bits = plan.get(record.name, (None, None))
