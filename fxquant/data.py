@@ -73,15 +73,18 @@ class FashionMNIST(Dataset):
 
     ``augment``: ``none``; ``standard`` (random crop with 2-pixel padding, horizontal flip); ``strong`` (standard
     plus random erasing of a square — the second view consistency losses use).
+
+    Augmentation draws from torch's default generator, as torchvision transforms do: ``torch.manual_seed``
+    before a run fixes it, and a DataLoader gives each worker its own seed. (A generator owned by the dataset
+    would carry its state from one run to the next in a process, and be copied identically into every worker.)
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: str = "none", seed: int = 0):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: str = "none"):
         if augment not in AUGMENTS:
             raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
         self.images = ((images.float() / 255.0 - MEAN) / STD).unsqueeze(1)
         self.labels = labels.long()
         self.augment = augment
-        self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -89,7 +92,7 @@ class FashionMNIST(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.images[index]
         if self.augment != "none":
-            image = augment_image(image, self.augment, self.generator)
+            image = augment_image(image, self.augment)
         return image, self.labels[index]
 
 

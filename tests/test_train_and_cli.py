@@ -109,6 +109,23 @@ def test_fit_history_and_global_batch(tiny_fashion):
     assert all(bool(q.initialized) for q in qmodel.quantizers().values())
 
 
+def test_a_seeded_run_does_not_depend_on_what_ran_before_in_the_process(tiny_fashion):
+    """Benchmarks run many recipes in one process: each must see the same augmented batches for its seed."""
+    data = fashion_mnist("train", augment="strong")
+
+    def run(recipe):
+        torch.manual_seed(0)
+        qmodel = fxquant.prepare_qat(resnet20(), recipe)
+        fxquant.fit(qmodel, data, None, {"epochs": 1, "batch_size": 8, "lr": 0.01}, progress=False)
+        return torch.cat([p.detach().flatten() for p in qmodel.parameters()])
+
+    first = run("lsq_w4a4")
+    run("lsq_w2a2")
+    assert torch.equal(run("lsq_w4a4"), first)
+    torch.manual_seed(1)
+    assert not torch.equal(data[0][0], data[0][0]), "two reads of one image are two augmentations"
+
+
 def test_cli_zeroshot_runs_without_training_data(tiny_fashion, tmp_path, capsys):
     fp_path = tmp_path / "fp.pt"
     torch.save(resnet20().state_dict(), fp_path)
