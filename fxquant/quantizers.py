@@ -170,6 +170,7 @@ class LSQQuantizer(FakeQuantizer):
             signed = False  # LSQ+ quantizes onto an unsigned grid shifted by its learned zero point
         super().__init__(config, ch_axis, signed, role)
         self.learn_offset = config.learns_offset
+        self.init = config.init
         # Shapes are fixed at the first batch (per-channel needs the channel count).
         self.scale = nn.Parameter(torch.ones(1))
         self.width_steps: nn.ParameterDict | None = None  # SAQ's supernet: one learned step per bit width
@@ -180,11 +181,14 @@ class LSQQuantizer(FakeQuantizer):
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
-        """Set the step (and offset) from a tensor: 2·mean|x|/sqrt(Qp) symmetric, min/max for LSQ+."""
+        """Set the step (and offset) from a tensor: 2·mean|x|/sqrt(Qp) symmetric, min/max for LSQ+, or with
+        ``init = "mse"`` the clipping range of least squared quantization error."""
         self._decide_sign(x)
         qmin, qmax = self.qrange()
         flat = x.detach().reshape(1, -1) if self.ch_axis is None else self._per_channel_view(x)
-        if self.learn_offset:
+        if self.init == "mse":
+            scale, zero_point = self._mse_range(flat, qmin, qmax)
+        elif self.learn_offset:
             lo = self._reduce(flat.min(dim=1).values, "min").clamp(max=0)
             hi = self._reduce(flat.max(dim=1).values, "max").clamp(min=0)
             scale = ((hi - lo) / (qmax - qmin)).clamp(min=_EPS)
@@ -198,6 +202,37 @@ class LSQQuantizer(FakeQuantizer):
         self.scale.data = scale.to(self.scale.dtype)
         self.zero_point.data = zero_point.to(self.scale.dtype)
         self.initialized.fill_(True)
+
+    MSE_GRID = 64  # clipping ranges α·[lo, hi], α = 1/64 … 1, tried by init = "mse"
+
+    def _mse_range(self, flat: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step and zero point of the range α·[lo, hi] with the least squared error of quantizing ``flat``
+        (channels × elements), α chosen per channel. The range and the errors are reduced across ranks, so
+        every rank picks the same α, the one a single process would pick on the global batch."""
+        if self.learn_offset:
+            lo = self._reduce(flat.min(dim=1).values, "min").clamp(max=0)
+            hi = self._reduce(flat.max(dim=1).values, "max").clamp(min=0)
+        else:
+            hi = self._reduce(flat.abs().max(dim=1).values, "max")
+            lo = -hi if qmin < 0 else torch.zeros_like(hi)
+        ch_axis = None if flat.shape[0] == 1 else 0
+        candidates, errors = [], []
+        for alpha in torch.arange(1, self.MSE_GRID + 1) / self.MSE_GRID:
+            if self.learn_offset:
+                scale = (alpha * (hi - lo) / (qmax - qmin)).clamp(min=_EPS)
+                zero_point = (qmin - torch.round(alpha * lo / scale)).clamp(qmin, qmax)
+            else:
+                scale = (alpha * hi / qmax).clamp(min=_EPS)
+                zero_point = torch.zeros_like(scale)
+            offset = zero_point if self.learn_offset else None
+            error = fake_quantize(flat, scale, offset, qmin, qmax, ch_axis) - flat
+            errors.append(error.pow(2).sum(dim=1, dtype=torch.float64))
+            candidates.append((scale, zero_point))
+        best = self._reduce(torch.stack(errors), "sum").argmin(dim=0)  # per channel
+        channels = torch.arange(flat.shape[0])
+        scale = torch.stack([c[0] for c in candidates])[best, channels]
+        zero_point = torch.stack([c[1] for c in candidates])[best, channels]
+        return scale, zero_point
 
     def share_steps_across(self, widths: list[int]) -> None:
         """Weight sharing across widths (SAQ's supernet): from now on each width in ``widths`` has its own

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fxquant.errors import RecipeError, closest
-from fxquant.spec import GRANULARITIES, OBSERVERS, SCHEMES, check_bits
+from fxquant.spec import GRANULARITIES, INITS, OBSERVERS, SCHEMES, check_bits
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,7 @@ QUANTIZER = Table(
         "granularity": Key((str,), choices=GRANULARITIES),
         "symmetric": Key((bool,)),
         "observer": Key((str,), choices=OBSERVERS),
+        "init": Key((str,), choices=INITS, doc="learned step start: default (LSQ / min-max) or mse"),
     },
     doc="how one tensor is fake-quantized",
 )

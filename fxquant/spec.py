@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 SCHEMES = ("lsq", "lsq_plus", "observer")
 GRANULARITIES = ("per_tensor", "per_channel")
 OBSERVERS = ("minmax", "moving_average", "histogram")
+INITS = ("default", "mse")
 FULL_PRECISION_BITS = (16, 32)
 
 
@@ -32,6 +33,10 @@ class QuantizerConfig:
     granularity: str = "per_tensor"
     symmetric: bool = True
     observer: str = "minmax"
+    # How a learned step (and offset) starts: "default" is LSQ's 2·mean|x|/sqrt(Qp) for symmetric and the
+    # batch min/max for LSQ+; "mse" the clipping range that minimises the squared quantization error (LSQ+'s
+    # recommendation; at 2-bit activations min/max puts most values on the zero level).
+    init: str = "default"
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -41,6 +46,8 @@ class QuantizerConfig:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.observer not in OBSERVERS:
             raise ValueError(f"observer must be one of {OBSERVERS}, got {self.observer!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
 
     @property
     def is_full_precision(self) -> bool:

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from fxquant import coreset, distributed
 from fxquant.data import augment_batch
+from fxquant.errors import FxQuantError
 from fxquant.losses import AuxLoss, Forward, LossInputs
 from fxquant.quantizers import FakeQuantizer
 from fxquant.sam import SAM, SAMConfig
@@ -310,6 +311,13 @@ def fit(
                 for group, base in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base * scale
                 metrics = step(*batch)
+                if not math.isfinite(metrics["loss"]):  # stop at once: every later step would be NaN too
+                    raise FxQuantError(
+                        f"training diverged: the loss is {metrics['loss']} at epoch {epoch + 1}, step {i + 1} "
+                        f"({description}). A known cause is 2-bit activations whose steps start from the batch "
+                        'min/max (MobileNetV2 at W2A2): set quant.activation.init = "mse" in the recipe, or lower '
+                        "[train] lr."
+                    )
                 seen += len(y)
                 loss_sum += metrics["loss"] * len(y)
                 acc_sum += metrics["acc"] * len(y)

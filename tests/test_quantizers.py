@@ -179,3 +179,54 @@ def test_state_dict_restores_initialised_per_channel_quantizer():
     fresh = make_quantizer(config, "weight", ch_axis=0)
     fresh.load_state_dict(q.state_dict())
     assert torch.equal(fresh(w), expected)
+
+
+def _mse_reference(x: torch.Tensor, bits: int, asymmetric: bool, grid: int = 64) -> tuple[float, float]:
+    """The least-squares clipping range by a written-out loop: returns (step, zero point) of the best α."""
+    if asymmetric:
+        qmin, qmax = integer_range(bits, False)
+        lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    else:
+        qmin, qmax = integer_range(bits, True)
+        hi = float(x.abs().max())
+    best = None
+    for k in range(1, grid + 1):
+        alpha = k / grid
+        if asymmetric:
+            s = alpha * (hi - lo) / (qmax - qmin)
+            z = min(max(qmin - round(alpha * lo / s), qmin), qmax)
+        else:
+            s, z = alpha * hi / qmax, 0
+        xq = ((torch.round(x / s) + z).clamp(qmin, qmax) - z) * s
+        error = float(((xq - x) ** 2).double().sum())
+        if best is None or error < best[0]:
+            best = (error, s, z)
+    return best[1], best[2]
+
+
+@given(bits=st.integers(2, 8), asymmetric=st.booleans(), seed=st.integers(0, 1000))
+def test_mse_init_picks_the_least_squares_range(bits, asymmetric, seed):
+    torch.manual_seed(seed)
+    x = torch.randn(4, 3, 5, 5).exp() - 0.8  # skewed, with outliers, some negatives
+    config = QuantizerConfig(bits=bits, symmetric=not asymmetric, init="mse")
+    q = make_quantizer(config, "activation")
+    q(x)
+    step, zero_point = _mse_reference(x, bits, asymmetric)
+    assert float(q.scale.detach()) == pytest.approx(step, rel=1e-5)
+    assert float(q.zero_point.detach()) == zero_point
+    # the grid holds α = 1 (the min/max range), so MSE is never worse than the min/max start
+    default = make_quantizer(QuantizerConfig(bits=bits, symmetric=not asymmetric), "activation")
+    if asymmetric:
+        assert float(((q(x) - x) ** 2).sum()) <= float(((default(x) - x) ** 2).sum()) * (1 + 1e-6)
+
+
+def test_mse_init_is_per_channel_and_validated():
+    torch.manual_seed(0)
+    w = torch.randn(6, 4, 3, 3) * torch.linspace(0.1, 3, 6)[:, None, None, None]
+    q = make_quantizer(QuantizerConfig(bits=3, granularity="per_channel", init="mse"), "weight", ch_axis=0)
+    q(w)
+    for c in range(6):
+        step, _ = _mse_reference(w[c], 3, asymmetric=False)
+        assert float(q.scale[c].detach()) == pytest.approx(step, rel=1e-5)
+    with pytest.raises(ValueError, match="init must be one of"):
+        QuantizerConfig(init="percentile")

@@ -126,6 +126,17 @@ def test_a_seeded_run_does_not_depend_on_what_ran_before_in_the_process(tiny_fas
     assert not torch.equal(data[0][0], data[0][0]), "two reads of one image are two augmentations"
 
 
+def test_fit_stops_with_a_clear_error_when_the_loss_diverges():
+    from fxquant.errors import FxQuantError
+
+    x = torch.randn(16, 1, 28, 28)
+    x[3, 0, 5, 5] = float("inf")  # one bad pixel: the loss is not finite from the first step
+    data = torch.utils.data.TensorDataset(x, torch.arange(16) % 10)
+    qmodel = fxquant.prepare_qat(resnet20(), "lsq_w4a4")
+    with pytest.raises(FxQuantError, match=r"training diverged: the loss is nan at epoch 1, step 1.*init = \"mse\""):
+        fxquant.fit(qmodel, data, None, {"epochs": 1, "batch_size": 16}, progress=False)
+
+
 def test_cli_zeroshot_runs_without_training_data(tiny_fashion, tmp_path, capsys):
     fp_path = tmp_path / "fp.pt"
     torch.save(resnet20().state_dict(), fp_path)
