@@ -18,6 +18,7 @@ import json
 import statistics
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import torch
@@ -77,9 +78,9 @@ def quick_setup(model_name: str = "resnet20", seed: int = 0):
     return train, fp, test, evaluate(fp, test)["top1"]
 
 
-def run_recipe(recipe: str, fp_model, train_data, test_data, epochs: int, seed: int) -> dict:
+def run_recipe(recipe: str, fp_model, train_data, test_data, epochs: int, seed: int, overrides=None) -> dict:
     torch.manual_seed(seed)
-    qmodel = fxquant.prepare_qat(fp_model, recipe, torch.randn(1, 1, 28, 28))
+    qmodel = fxquant.prepare_qat(fp_model, recipe, torch.randn(1, 1, 28, 28), **(overrides or {}))
     config = {**qmodel.recipe.train, "epochs": epochs}
     start = time.perf_counter()
     history = fit(qmodel, train_data, None, config, description=f"{recipe} seed {seed}", seed=seed)
@@ -94,6 +95,23 @@ def run_recipe(recipe: str, fp_model, train_data, test_data, epochs: int, seed: 
         "seconds": seconds,
         "images_per_second": statistics.mean(h.images_per_second for h in history),
     }
+
+
+def parse_sets(items: list[str]) -> dict:
+    """``["quant.activation.init=mse"]`` → ``{"quant": {"activation": {"init": "mse"}}}`` (recipe overrides)."""
+    overrides: dict = {}
+    for item in items:
+        key, _, text = item.partition("=")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        *parents, leaf = key.split(".")
+        table = overrides
+        for part in parents:
+            table = table.setdefault(part, {})
+        table[leaf] = value
+    return overrides
 
 
 def mean_std(values: list[float], digits: int = 2) -> str:
@@ -116,6 +134,13 @@ def main() -> None:
         "--fp-seed", type=int, help="one FP checkpoint (this seed's) for every QAT seed; default: one per seed"
     )
     parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe value for every row, e.g. quant.activation.init=mse (repeatable; TOML values, else strings)",
+    )
+    parser.add_argument(
         "--merge", help="a results JSON of the same settings whose runs of other seeds join the table (mean ± std)"
     )
     args = parser.parse_args()
@@ -125,9 +150,10 @@ def main() -> None:
     if args.qat_epochs:
         settings["qat_epochs"] = args.qat_epochs
     seeds = [int(s) for s in args.seeds.split(",")]
+    overrides = parse_sets(args.set)
     recipes = GROUPS.get(args.recipes, args.recipes).split(",")
     for recipe in recipes:  # fail on a typo before an hour of training
-        fxquant.load_recipe(recipe)
+        fxquant.load_recipe(recipe, overrides or None)
 
     train_data = fashion_mnist("train", augment="standard", limit=settings["train_images"])
     test_data = fashion_mnist("test")
@@ -146,7 +172,7 @@ def main() -> None:
         )
         fp_runs.append({"seed": seed, "top1": evaluate(fp_model, test_loader)["top1"], "seconds": fp_seconds})
         for recipe in recipes:
-            run = run_recipe(recipe, fp_model, train_data, test_data, settings["qat_epochs"], seed)
+            run = run_recipe(recipe, fp_model, train_data, test_data, settings["qat_epochs"], seed, overrides)
             runs.append(run)
             print(f"{recipe} seed {seed}: top-1 {run['top1']:.2f}% (FP {fp_runs[-1]['top1']:.2f}%)", flush=True)
 
@@ -190,7 +216,9 @@ def main() -> None:
     stem = f"accuracy_{args.model}_{preset}" + (f"_{args.tag}" if args.tag else "")
     (RESULTS / f"{stem}.md").write_text(text)
     (RESULTS / f"{stem}.json").write_text(
-        json.dumps({"command": command, "settings": settings, "fp": fp_runs, "runs": runs}, indent=1)
+        json.dumps(
+            {"command": command, "settings": settings, "overrides": overrides, "fp": fp_runs, "runs": runs}, indent=1
+        )
     )
     print(text)
 
