@@ -204,6 +204,7 @@ class LSQQuantizer(FakeQuantizer):
         self.initialized.fill_(True)
 
     MSE_GRID = 64  # clipping ranges α·[lo, hi], α = 1/64 … 1, tried by init = "mse"
+    MSE_SAMPLES = 1 << 18  # elements per channel that score them (the range itself comes from all elements)
 
     def _mse_range(self, flat: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Step and zero point of the range α·[lo, hi] with the least squared error of quantizing ``flat``
@@ -216,6 +217,8 @@ class LSQQuantizer(FakeQuantizer):
             hi = self._reduce(flat.abs().max(dim=1).values, "max")
             lo = -hi if qmin < 0 else torch.zeros_like(hi)
         ch_axis = None if flat.shape[0] == 1 else 0
+        if flat.shape[1] > self.MSE_SAMPLES:  # a strided subset scores the ranges: 64 passes over a big batch are slow
+            flat = flat[:, :: -(-flat.shape[1] // self.MSE_SAMPLES)]
         candidates, errors = [], []
         for alpha in torch.arange(1, self.MSE_GRID + 1) / self.MSE_GRID:
             if self.learn_offset:
