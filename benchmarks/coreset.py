@@ -27,17 +27,17 @@ from fxquant.data import fashion_mnist
 from fxquant.train import evaluate, fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import PRESETS, RESULTS, fp_checkpoint
+from accuracy import PRESETS, RESULTS, fp_checkpoint, parse_sets
 
 EPOCHS = {"quick": 3, "full": 6}
 
 
-def run(fp_model, bits, method, fraction, train_data, test_loader, epochs, seed, schedule="paper"):
+def run(fp_model, bits, method, fraction, train_data, test_loader, epochs, seed, schedule="paper", sets=None):
     torch.manual_seed(seed)
-    overrides = {}
+    overrides = dict(sets or {})
     data = train_data
     if method == "acs":
-        overrides = {"data": {"coreset": {"fraction": fraction, "refresh_every": 1, "schedule": schedule}}}
+        overrides["data"] = {"coreset": {"fraction": fraction, "refresh_every": 1, "schedule": schedule}}
     elif method == "random":
         chosen = random_subset(train_data.labels, fraction, seed)
         data = torch.utils.data.Subset(train_data, chosen.tolist())
@@ -75,8 +75,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--schedule", default="paper", help="ACS's EVS/DS weighting: paper, code_cosine, linear")
     parser.add_argument("--tag", default="", help="suffix of the result files (to keep several tables)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a recipe value for every run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    sets = parse_sets(args.set)
     preset = "quick" if args.quick else "full"
     settings = PRESETS[preset]
     clean = fashion_mnist("train", augment="standard", limit=settings["train_images"])
@@ -89,8 +91,9 @@ def main() -> None:
         for bits in args.bits.split(","):
             plan = [("full", 1.0)] + [(m, float(f)) for f in args.fractions.split(",") for m in ("acs", "random")]
             for method, fraction in plan:
+                epochs = EPOCHS[preset]
                 row = run(
-                    fp_model, bits, method, fraction, train_data, test_loader, EPOCHS[preset], args.seed, args.schedule
+                    fp_model, bits, method, fraction, train_data, test_loader, epochs, args.seed, args.schedule, sets
                 )
                 row["noise"] = noise
                 rows.append(row)
