@@ -30,6 +30,10 @@ bench: setup
 	for bits in w2a2 w4a4; do $(PY) benchmarks/accuracy.py --quick --model mobilenet_v2_small \
 		--recipes lsq_$$bits,fpq_$$bits,mec_$$bits --qat-epochs 1 --set quant.activation.init=mse \
 		--tag features_mse_$$bits || exit 1; done
+	$(PY) benchmarks/accuracy.py --quick --recipes lsq_w2a2,fpq_w2a2 --qat-epochs 1 --tag features_mse_w2a2
+	$(PY) benchmarks/accuracy.py --quick --recipes mec_w2a2 --qat-epochs 1 --tag features_mse_w2a2_mec
+	$(PY) benchmarks/accuracy.py --quick --recipes cr_w2a2,fpq_cr_w2a2 --qat-epochs 1 --tag features_mse_w2a2_cr
+	$(PY) benchmarks/accuracy.py --quick --recipes lsq_w4a4,fpq_w4a4 --qat-epochs 1 --tag features_mse_w4a4
 	$(PY) benchmarks/coreset.py --quick --bits w4a4
 	$(PY) benchmarks/coreset.py --quick --bits w2a2 --tag w2a2
 	$(PY) benchmarks/zeroshot.py
