@@ -150,6 +150,12 @@ class FakeQuantizer(nn.Module):
         return float(scale.detach().min()), float(scale.detach().max())
 
 
+def _affine_grid(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step and zero point mapping [lo, hi] (lo ≤ 0 ≤ hi) onto the integers [qmin, qmax]."""
+    scale = ((hi - lo) / (qmax - qmin)).clamp(min=_EPS)
+    return scale, (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+
+
 class LSQQuantizer(FakeQuantizer):
     """Learned step size quantization; LSQ+ when ``config.learns_offset``.
 
@@ -189,10 +195,7 @@ class LSQQuantizer(FakeQuantizer):
         if self.init == "mse":
             scale, zero_point = self._mse_range(flat, qmin, qmax)
         elif self.learn_offset:
-            lo = self._reduce(flat.min(dim=1).values, "min").clamp(max=0)
-            hi = self._reduce(flat.max(dim=1).values, "max").clamp(min=0)
-            scale = ((hi - lo) / (qmax - qmin)).clamp(min=_EPS)
-            zero_point = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+            scale, zero_point = _affine_grid(*self._min_max(flat), qmin, qmax)
         else:
             # mean |x| as sum / count, so that data-parallel ranks can add their parts exactly
             abs_sum = self._reduce(flat.abs().sum(dim=1, dtype=torch.float64), "sum")
@@ -203,6 +206,12 @@ class LSQQuantizer(FakeQuantizer):
         self.zero_point.data = zero_point.to(self.scale.dtype)
         self.initialized.fill_(True)
 
+    def _min_max(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row min and max reduced across ranks, widened to hold zero (zero must be exactly representable)."""
+        lo = self._reduce(flat.min(dim=1).values, "min").clamp(max=0)
+        hi = self._reduce(flat.max(dim=1).values, "max").clamp(min=0)
+        return lo, hi
+
     MSE_GRID = 64  # clipping ranges α·[lo, hi], α = 1/64 … 1, tried by init = "mse"
     MSE_SAMPLES = 1 << 18  # elements per channel that score them (the range itself comes from all elements)
 
@@ -211,8 +220,7 @@ class LSQQuantizer(FakeQuantizer):
         (channels × elements), α chosen per channel. The range and the errors are reduced across ranks, so
         every rank picks the same α, the one a single process would pick on the global batch."""
         if self.learn_offset:
-            lo = self._reduce(flat.min(dim=1).values, "min").clamp(max=0)
-            hi = self._reduce(flat.max(dim=1).values, "max").clamp(min=0)
+            lo, hi = self._min_max(flat)
         else:
             hi = self._reduce(flat.abs().max(dim=1).values, "max")
             lo = -hi if qmin < 0 else torch.zeros_like(hi)
@@ -222,8 +230,7 @@ class LSQQuantizer(FakeQuantizer):
         candidates, errors = [], []
         for alpha in torch.arange(1, self.MSE_GRID + 1) / self.MSE_GRID:
             if self.learn_offset:
-                scale = (alpha * (hi - lo) / (qmax - qmin)).clamp(min=_EPS)
-                zero_point = (qmin - torch.round(alpha * lo / scale)).clamp(qmin, qmax)
+                scale, zero_point = _affine_grid(alpha * lo, alpha * hi, qmin, qmax)
             else:
                 scale = (alpha * hi / qmax).clamp(min=_EPS)
                 zero_point = torch.zeros_like(scale)

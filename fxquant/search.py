@@ -107,26 +107,13 @@ def layer_table(qmodel: nn.Module, example_inputs: Any = None) -> list[LayerInfo
 def shared_input_groups(qmodel: nn.Module) -> list[list[str]]:
     """Layers that read the same activation quantizer (e.g. a residual block's first conv and its downsample):
     one quantizer has one width, so with tied weight/activation bits these layers must share a width — else the
-    widest would set the shared input's width and the real BOPs would exceed the plan's."""
-    parent: dict[str, str] = {}
-
-    def find(name: str) -> str:
-        while parent.setdefault(name, name) != name:
-            name = parent[name]
-        return name
-
-    owner_of: dict[int, str] = {}
+    widest would set the shared input's width and the real BOPs would exceed the plan's. One list per shared
+    quantizer; :func:`tie_groups` merges lists that overlap."""
+    readers: dict[int, dict[str, None]] = {}  # quantizer id → layer names, in order, without repeats
     for record in qmodel.report.layers:
-        find(record.name)
         for q in qmodel.layer_quantizers(record)[1]:
-            if id(q) in owner_of:
-                parent[find(record.name)] = find(owner_of[id(q)])
-            else:
-                owner_of[id(q)] = record.name
-    groups: dict[str, list[str]] = {}
-    for record in qmodel.report.layers:
-        groups.setdefault(find(record.name), []).append(record.name)
-    return [members for members in groups.values() if len(members) > 1]
+            readers.setdefault(id(q), {})[record.name] = None
+    return [list(names) for names in readers.values() if len(names) > 1]
 
 
 def tie_groups(
