@@ -25,8 +25,8 @@ import torch
 from tabulate import tabulate
 
 import fxquant
+from fxquant import evaluate, fit
 from fxquant.data import fashion_mnist
-from fxquant.train import evaluate, fit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(".fxquant_cache")

@@ -22,9 +22,9 @@ import torch
 from tabulate import tabulate
 
 import fxquant
-from fxquant.coreset import NoisyLabels, random_subset
+from fxquant import evaluate, fit
 from fxquant.data import fashion_mnist
-from fxquant.train import evaluate, fit
+from fxquant.train.coreset import NoisyLabels, random_subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import PRESETS, RESULTS, fp_checkpoint, parse_sets

@@ -27,7 +27,7 @@ from tabulate import tabulate
 from torch import nn
 
 import fxquant
-from fxquant import _ao
+from fxquant.quant import observers as _ao
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WARMUP_STEPS = 5

@@ -24,8 +24,8 @@ import torch
 from tabulate import tabulate
 
 import fxquant
+from fxquant import evaluate, fit
 from fxquant.summary import collect
-from fxquant.train import evaluate, fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import PRESETS, RESULTS, mean_std, quick_setup

@@ -21,7 +21,7 @@ import torch
 from tabulate import tabulate
 
 import fxquant
-from fxquant.train import evaluate, fit
+from fxquant import evaluate, fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import RESULTS, quick_setup

@@ -1,21 +1,28 @@
 """fxquant: quantization-aware training for any PyTorch model, by rewriting its torch.fx graph.
 
+Rooms: :mod:`fxquant.config` (recipes), :mod:`fxquant.passes` (graph passes), :mod:`fxquant.quant` (the
+run-time pieces a prepared graph calls), :mod:`fxquant.train`, :mod:`fxquant.search`, :mod:`fxquant.zeroshot`,
+:mod:`fxquant.deploy`; the face is this module, :mod:`fxquant.cli` and :mod:`fxquant.checkpoint`.
+
 Example usage::
 
     import fxquant
     qmodel = fxquant.prepare_qat(model, "lsq_w4a4", example_inputs=torch.randn(1, 3, 32, 32))
     fxquant.summary(qmodel)
+    fxquant.fit(qmodel, train_data, test_data)
 """
 
-from fxquant import checkpoint, coreset, data, distributed, models, search, train, zeroshot
-from fxquant.api import PrepareReport, QATModel, disable_quant, prepare_qat
+from fxquant import config, data, models, quant, search, train, zeroshot
+from fxquant.api import prepare_qat
 from fxquant.checkpoint import CheckpointError, load, save
+from fxquant.config import Recipe, builtin_names, load_recipe
 from fxquant.errors import FxQuantError, PassError, PrepareError, RecipeError, TraceError
-from fxquant.quantizers import FakeQuantizer, LSQQuantizer, ObserverQuantizer, make_quantizer
-from fxquant.recipe import Recipe, builtin_names, load_recipe
-from fxquant.spec import QuantizerConfig, QuantSpec
+from fxquant.qat_model import PrepareReport, QATModel
+from fxquant.quant import FakeQuantizer, LSQQuantizer, ObserverQuantizer, QuantizerConfig, QuantSpec, make_quantizer
+from fxquant.quant.controls import disable_quant
 from fxquant.summary import summary
-from fxquant.train import TrainStep, evaluate, fit
+from fxquant.train import TrainStep, evaluate
+from fxquant.workflow import calibrate, fit
 
 __version__ = "0.1.0.dev0"
 
@@ -36,11 +43,10 @@ __all__ = [
     "TraceError",
     "TrainStep",
     "builtin_names",
-    "checkpoint",
-    "coreset",
+    "calibrate",
+    "config",
     "data",
     "disable_quant",
-    "distributed",
     "evaluate",
     "fit",
     "load",
@@ -48,6 +54,7 @@ __all__ = [
     "make_quantizer",
     "models",
     "prepare_qat",
+    "quant",
     "save",
     "search",
     "summary",

@@ -1,9 +1,11 @@
 """Saving and loading prepared models: the recipe travels with the weights.
 
 A checkpoint is a plain dict readable with ``torch.load(weights_only=True)`` (no pickled code): the merged
-recipe as TOML text, the prepare options, every quantizer's run-time state (bit width, on/off, observing) and
-the ``state_dict``. Loading re-runs ``prepare_qat`` on the float architecture with that recipe, restores the
-run-time state, then loads the tensors strictly, so a reloaded model computes bit-identical outputs.
+recipe as self-contained TOML text (a bit plan written inline), the prepare options, the bit plan in force (from
+the recipe or a search), every quantizer's run-time state (bit width, on/off, observing) and the ``state_dict``.
+Loading re-runs ``prepare_qat`` on the float architecture with that recipe, restores the run-time state and the
+plan, then loads the tensors strictly, so a reloaded model computes bit-identical outputs and a resumed
+``[search]`` recipe does not search again.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxquant.api import QATModel, prepare_qat
+from fxquant.api import prepare_qat
+from fxquant.config import Recipe
 from fxquant.errors import FxQuantError
-from fxquant.quantizers import FakeQuantizer
-from fxquant.recipe import Recipe
+from fxquant.qat_model import QATModel
+from fxquant.quant.quantizers import FakeQuantizer
 
 FORMAT = "fxquant-checkpoint/1"
 
@@ -58,13 +61,15 @@ def save(qmodel: QATModel | nn.Module, path: str | os.PathLike, extra: dict[str,
         raise CheckpointError(f"fxquant.save expects the QATModel prepare_qat returned, got {type(qmodel).__name__}")
     if not _is_rank_zero():
         return None
-    options = qmodel.prepare_options
+    options = qmodel.options
+    plan = qmodel.bit_plan or {}
     payload = {
         "format": FORMAT,
         "recipe_toml": qmodel.recipe.to_toml(),
         "recipe_source": qmodel.recipe.source,
-        "leaf_modules": list(options.get("leaf_modules", [])),
-        "concrete_args": sorted(options.get("concrete_args", {})),
+        "leaf_modules": list(options.leaf_modules),
+        "concrete_args": sorted(options.concrete_args),
+        "bit_plan": {name: [w, a] for name, (w, a) in plan.items()} if qmodel.bit_plan is not None else None,
         "quantizers": {name: _quantizer_state(q) for name, q in qmodel.quantizers().items()},
         "state_dict": qmodel.state_dict(),
         "extra": extra or {},
@@ -98,11 +103,11 @@ def load(
     example_inputs: Any = None,
     *,
     concrete_args: dict[str, Any] | None = None,
-    teacher: nn.Module | bool | None = None,
+    float_model: nn.Module | None = None,
 ) -> QATModel:
     """Re-prepare ``model`` (the float architecture; its weights are replaced) with the recipe stored in
     ``path`` and load the saved state. ``concrete_args`` must be given again if prepare_qat had them; a recipe
-    whose losses distil from the FP model needs that model as ``teacher`` to go on training.
+    whose losses distil from the FP model needs that model as ``float_model`` to go on training.
 
     Example usage::
 
@@ -120,7 +125,7 @@ def load(
         example_inputs,
         leaf_modules=payload["leaf_modules"],
         concrete_args=concrete_args,
-        teacher=teacher,
+        float_model=float_model if float_model is not None else False,
     )
     quantizers = qmodel.quantizers()
     missing = sorted(set(payload["quantizers"]) - set(quantizers))
@@ -136,6 +141,8 @@ def load(
         if "observing" in state:
             q.observing = state["observing"]
         q.set_bits(state["bits"], keep_range=False)  # the saved steps already belong to this width
+    if payload.get("bit_plan") is not None:
+        qmodel.bit_plan = {name: (w, a) for name, (w, a) in payload["bit_plan"].items()}
     try:
         qmodel.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as err:

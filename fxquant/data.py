@@ -7,12 +7,15 @@ a torchvision ``FashionMNIST`` folder (``root/FashionMNIST/raw/``).
 
 from __future__ import annotations
 
+import copy
 import gzip
 import os
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
+
+from fxquant.train.augment import AUGMENTS, augment_image
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 FILES = {
@@ -21,7 +24,6 @@ FILES = {
 }
 MEAN, STD = 0.2860, 0.3530
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-AUGMENTS = ("none", "standard", "strong")
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -96,36 +98,6 @@ class FashionMNIST(Dataset):
         return image, self.labels[index]
 
 
-def augment_image(image: torch.Tensor, kind: str, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One augmented copy of a (C, H, W) image (see FashionMNIST for the kinds)."""
-    _, h, w = image.shape
-    padded = torch.nn.functional.pad(image, (2, 2, 2, 2), value=float(image.min()))
-    dy, dx = (int(v) for v in torch.randint(0, 5, (2,), generator=generator))
-    out = padded[:, dy : dy + h, dx : dx + w]
-    if torch.rand((), generator=generator) < 0.5:
-        out = out.flip(-1)
-    if kind == "strong":
-        size = int(torch.randint(6, 13, (), generator=generator))
-        y, x = (int(v) for v in torch.randint(0, h - size, (2,), generator=generator))
-        out = out.clone()
-        out[:, y : y + size, x : x + size] = 0.0
-    return out
-
-
-def augment_batch(x: torch.Tensor, kind: str = "strong", generator: torch.Generator | None = None) -> torch.Tensor:
-    """An independently augmented copy of every image of a (N, C, H, W) batch (see :func:`augment_image`).
-
-    Example usage::
-
-        second_view = augment_batch(x, "strong")
-    """
-    if kind not in AUGMENTS or kind == "none":
-        raise ValueError(f"batch augmentation must be 'standard' or 'strong', got {kind!r}")
-    if x.dim() != 4:
-        raise ValueError(f"augment_batch expects (N, C, H, W) images, got shape {tuple(x.shape)}")
-    return torch.stack([augment_image(image, kind, generator) for image in x])
-
-
 def fashion_mnist(
     split: str = "train", root: str | Path | None = None, augment: str = "none", limit: int | None = None
 ) -> FashionMNIST:
@@ -144,3 +116,42 @@ def fashion_mnist(
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     return FashionMNIST(images, labels, augment)
+
+
+class RepeatChannels(Dataset):
+    """Grayscale images repeated to 3 channels, for models whose first convolution takes RGB (torchvision's).
+
+    Example usage::
+
+        train = RepeatChannels(fashion_mnist("train"))      # (3, 28, 28) images
+    """
+
+    def __init__(self, data: Dataset):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.data[index]
+        return x.expand(3, -1, -1), y
+
+    @property
+    def augment(self) -> str:
+        return getattr(self.data, "augment", "none")
+
+    @augment.setter
+    def augment(self, kind: str) -> None:  # on a copy (fxquant.train.coreset.plain_view): leave the original be
+        self.data = copy.copy(self.data)
+        self.data.augment = kind
+
+
+def with_channels(data: Dataset, channels: int) -> Dataset:
+    """``data`` with as many image channels as a model's first convolution takes (1, or 3 repeated)."""
+    if channels == 1:
+        return data
+    if channels != 3:
+        raise ValueError(
+            f"the model's first convolution takes {channels} channels; Fashion-MNIST gives 1 (or 3 repeated)"
+        )
+    return RepeatChannels(data)

@@ -23,6 +23,7 @@ class RecipeError(FxQuantError, ValueError):
         self.source = source
         self.key_path = key_path
         self.suggestion = suggestion
+        self.detail = message
         text = f"{source}: {key_path or '<top level>'}: {message}"
         if suggestion:
             text += f" (did you mean '{suggestion}'?)"

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fxquant.errors import closest
+
 
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
@@ -164,8 +166,6 @@ def build(name: str, num_classes: int | None = None, in_channels: int = 1) -> nn
             raise ValueError(f"unknown torchvision model {tv_name!r}: {err}") from None
     name = name.removeprefix("fxquant:")
     if name not in MODELS:
-        from fxquant.errors import closest
-
         hint = closest(name, MODELS)
         raise ValueError(
             f"unknown model {name!r}"

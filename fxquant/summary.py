@@ -11,8 +11,9 @@ from typing import Any
 
 from tabulate import tabulate
 
-from fxquant.api import QATModel, _as_args
-from fxquant.cost import measure
+from fxquant.passes.patterns import functional_weight
+from fxquant.qat_model import QATModel
+from fxquant.search.cost import as_args, measure
 
 FORMATS = ("rich", "text", "markdown")
 
@@ -49,7 +50,7 @@ def _fmt_bytes(n: float) -> str:
 def collect(qmodel: QATModel, example_inputs: Any = None) -> tuple[list[SummaryRow], dict[str, Any]]:
     """Rows and totals of the summary, as data (what the printers and the CLI use)."""
     costs = qmodel.report.costs
-    args = _as_args(example_inputs)
+    args = as_args(example_inputs)
     if args is not None:
         costs = measure(qmodel, args)
     rows: list[SummaryRow] = []
@@ -113,8 +114,6 @@ def collect(qmodel: QATModel, example_inputs: Any = None) -> tuple[list[SummaryR
 
 
 def _weight_of(piece: Any, layer: Any) -> Any:
-    from fxquant.passes.patterns import functional_weight
-
     node = next(n for n in piece.graph.nodes if n.name == layer.node)
     if node.op == "call_module":
         return piece.get_submodule(node.target).weight

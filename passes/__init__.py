@@ -1,6 +1,7 @@
 """fxquant.passes: graph passes, each ``fn(gm: GraphModule, ctx: PassContext) -> GraphModule``.
 
-They import fxquant's runtime modules (quantizers, layers, recipe) and never the API, CLI or training code.
+They import fxquant's runtime (:mod:`fxquant.quant`) and recipes (:mod:`fxquant.config`), never the API, the CLI,
+training, search or deployment code.
 """
 
 from .annotate import annotate, graph_roles

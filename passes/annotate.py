@@ -10,11 +10,9 @@ pieces, the caller says in ``ctx.resolve_first`` / ``ctx.resolve_last`` which pi
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from torch import fx
 
-from fxquant.spec import QuantizerConfig, QuantSpec
+from fxquant.quant.spec import QuantSpec
 
 from .context import PassContext
 from .patterns import has_weight_arg, layer_name, op_type
@@ -60,10 +58,6 @@ def graph_roles(gm: fx.GraphModule) -> dict[fx.Node, str]:
     return roles
 
 
-def _override(config: QuantizerConfig, changes: dict) -> QuantizerConfig:
-    return replace(config, **changes) if changes else config
-
-
 def annotate(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Set ``node.meta['fxquant_spec']`` on every quantizable node. Idempotent: specs are recomputed."""
     quant = ctx.recipe.quant
@@ -80,20 +74,20 @@ def annotate(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         role = roles.get(node, "")
         role = "+".join(r for r in role.split("+") if r and getattr(ctx, f"resolve_{r}"))
         for end in role.split("+") if role else ():
-            table = quant.first_layer if end == "first" else quant.last_layer
-            if weight is not None and "weight_bits" in table:
-                weight = weight.with_bits(table["weight_bits"])
-            if "activation_bits" in table:
-                activation = activation.with_bits(table["activation_bits"])
-            if table:
+            ends = quant.first_layer if end == "first" else quant.last_layer
+            if weight is not None and ends.weight_bits is not None:
+                weight = weight.with_bits(ends.weight_bits)
+            if ends.activation_bits is not None:
+                activation = activation.with_bits(ends.activation_bits)
+            if ends:
                 applied.append(f"{end}_layer")
         base_type = kind.split("+")[0]
         for rule in quant.rules:
             if rule.matches(name, base_type) or rule.matches(name, kind):
                 ctx.matched_rules.add(rule.index)
                 if weight is not None:
-                    weight = _override(weight, rule.weight)
-                activation = _override(activation, rule.activation)
+                    weight = rule.weight.apply(weight)
+                activation = rule.activation.apply(activation)
                 applied.append(rule.key_path)
         node.meta[SPEC_KEY] = QuantSpec(weight=weight, activation=activation, rules=tuple(applied))
         node.meta[LAYER_KEY] = name

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fxquant.recipe import Recipe
-from fxquant.spec import QuantSpec
-from fxquant.taps import TapStore
+from fxquant.config import Recipe
+from fxquant.quant.spec import QuantSpec
+from fxquant.quant.taps import TapStore
 
 
 @dataclass
@@ -45,19 +45,15 @@ class PassContext:
     piece: str = ""
     resolve_first: bool = True
     resolve_last: bool = True
-    bit_plan: dict[str, tuple[int | None, int | None]] | None = None
     layers: dict[str, LayerRecord] = field(default_factory=dict)
     records: list[PassRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     matched_rules: set[int] = field(default_factory=set)
     keep_float: frozenset[str] = frozenset()  # module paths the user listed in leaf_modules
-    # Feature taps (name -> selector) recording into one store shared by every piece, and FPQ's perturbation
-    # (probability, op type) when a recipe loss asks for it. tap_matches counts what each selector found.
-    tap_selectors: dict[str, str] = field(default_factory=dict)
+    # The recipe's feature taps (recipe.features) record into one store shared by every piece;
+    # tap_matches counts what each selector found, so that one matching nothing anywhere is an error.
     tap_store: TapStore = field(default_factory=TapStore)
     tap_matches: dict[str, int] = field(default_factory=dict)
-    perturb_p: float | None = None
-    perturb_type: str = "Conv2d"
 
     def note(self, text: str) -> None:
         self.notes.append(text)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from fxquant.layers import ConvBn
+from fxquant.quant.layers import ConvBn
 
 from .context import PassContext
 from .patterns import module_of

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from torch import fx
 
-from fxquant.layers import ConvBn, QuantizedLayer, to_quantized, weight_channel_axis
-from fxquant.quantizers import FakeQuantizer, make_quantizer
-from fxquant.spec import QuantizerConfig
+from fxquant.quant.layers import ConvBn, QuantizedLayer, to_quantized, weight_channel_axis
+from fxquant.quant.quantizers import FakeQuantizer, make_quantizer
+from fxquant.quant.spec import QuantizerConfig
 
 from .annotate import LAYER_KEY, SPEC_KEY
 from .context import LayerRecord, PassContext

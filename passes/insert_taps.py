@@ -1,7 +1,7 @@
 """insert_taps and insert_perturbations: the feature side of a recipe.
 
-``insert_taps`` adds, for each ``(name, selector)`` of ``ctx.tap_selectors``, a :class:`fxquant.taps.Tap` node on
-a side branch (no users) of each matching node. Selectors:
+``insert_taps`` adds, for each ``(name, selector)`` of the recipe's ``features.taps``, a
+:class:`fxquant.quant.taps.Tap` node on a side branch (no users) of each matching node. Selectors:
 
 * ``penultimate`` — the float input of the last quantized layer (the classifier's features);
 * ``output`` — the model's output (its first tensor, root graph only);
@@ -11,7 +11,7 @@ a side branch (no users) of each matching node. Selectors:
   insensitive, ``Conv2d`` also matches a folded ``Conv2d+BN``) or module of that class name; the tap then
   holds a dict from layer name to tensor.
 
-``insert_perturbations`` puts a :class:`fxquant.taps.FeaturePerturbation` between each matching quantized op and
+``insert_perturbations`` puts a :class:`fxquant.quant.taps.FeaturePerturbation` between each matching quantized op and
 the activation quantizer that feeds it (one per op: the Bernoulli draw is per layer).
 Both are idempotent and count their matches in ``ctx.tap_matches`` so that a selector matching nothing in any
 piece is reported by the API as a recipe error.
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from fxquant.taps import FeaturePerturbation, Tap, parse_selector
+from fxquant.quant.taps import FeaturePerturbation, Tap, parse_selector
 
 from .context import PassContext
 from .patterns import is_perturbation, is_quantizer_node, scope_of
@@ -106,14 +106,14 @@ def _targets(gm: fx.GraphModule, ctx: PassContext, kind: str, arg: str) -> list[
 
 
 def insert_taps(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Add a recording Tap next to every node each of ``ctx.tap_selectors`` matches."""
+    """Add a recording Tap next to every node each of the recipe's feature taps matches."""
     existing = {
         (n.args[0], m.name, m.key)
         for n in gm.graph.nodes
         if n.op == "call_module" and isinstance(m := gm.get_submodule(n.target), Tap)
     }
     counter = sum(1 for n in gm.graph.nodes if n.op == "call_module" and str(n.target).startswith(TAP_PREFIX))
-    for name, selector in ctx.tap_selectors.items():
+    for name, selector in ctx.recipe.features.taps.items():
         kind, arg = parse_selector(selector)
         targets = _targets(gm, ctx, kind, arg)
         ctx.tap_matches[name] = ctx.tap_matches.get(name, 0) + len(targets)
@@ -130,19 +130,20 @@ def insert_taps(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
 
 
 def insert_perturbations(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Insert FPQ's feature perturbation on the quantized input of every op of type ``ctx.perturb_type``."""
-    if ctx.perturb_p is None:
+    """Insert FPQ's feature perturbation on the quantized input of every op of the recipe's perturbed type."""
+    if ctx.recipe.features.perturb is None:
         return gm
+    p, op_type = ctx.recipe.features.perturb
     counter = sum(1 for n in gm.graph.nodes if n.op == "call_module" and str(n.target).startswith(PERTURB_PREFIX))
     for node, record in _piece_layers(gm, ctx):
-        if not _type_matches(record.op, ctx.perturb_type):
+        if not _type_matches(record.op, op_type):
             continue
         source = node.args[0] if node.args else None
         if not isinstance(source, fx.Node) or not is_quantizer_node(gm, source):
             continue  # already perturbed, or an input left in float
         attr = f"{PERTURB_PREFIX}{counter}"
         counter += 1
-        gm.add_submodule(attr, FeaturePerturbation(ctx.perturb_p, gm.get_submodule(source.target)))
+        gm.add_submodule(attr, FeaturePerturbation(p, gm.get_submodule(source.target)))
         with gm.graph.inserting_after(source):
             perturbed = gm.graph.call_module(attr, (source,))
         node.replace_input_with(source, perturbed)

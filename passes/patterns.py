@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxquant.layers import ConvBn, is_quantizable_module
-from fxquant.quantizers import FakeQuantizer
-from fxquant.taps import FeaturePerturbation
+from fxquant.quant.layers import ConvBn, is_quantizable_module
+from fxquant.quant.quantizers import FakeQuantizer
+from fxquant.quant.taps import FeaturePerturbation
 
 WEIGHTED_FUNCTIONS = {
     F.conv1d: "conv1d",

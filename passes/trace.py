@@ -24,7 +24,7 @@ from typing import Any
 from torch import fx, nn
 
 from fxquant.errors import TraceError, closest
-from fxquant.layers import is_quantizable_module
+from fxquant.quant.layers import is_quantizable_module
 
 # Modules whose forward does not call their children (it reads their parameters directly), so tracing the
 # children separately would quantize nothing that runs.

@@ -11,8 +11,8 @@ from __future__ import annotations
 from torch import fx
 
 from fxquant.errors import PrepareError
-from fxquant.layers import QuantizedLayer
-from fxquant.quantizers import FakeQuantizer
+from fxquant.quant.layers import QuantizedLayer
+from fxquant.quant.quantizers import FakeQuantizer
 
 from .annotate import SPEC_KEY
 from .context import PassContext

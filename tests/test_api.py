@@ -10,8 +10,8 @@ from torch import nn
 
 import fxquant
 from fxquant import PrepareError
-from fxquant.layers import ConvBn
-from fxquant.recipe import load_recipe
+from fxquant.config import load_recipe
+from fxquant.quant.layers import ConvBn
 
 
 def resnet():
@@ -107,16 +107,17 @@ def test_bits_change_at_run_time_without_retracing():
     qmodel = fxquant.prepare_qat(resnet(), "lsq_w4a4")
     qmodel(torch.randn(2, 3, 32, 32))
     code = qmodel.graph_module.code
-    ctx = PassContext(recipe=load_recipe("lsq_w4a4"), bit_plan={"layer1.0.conv1": (2, 3)})
+    planned = {"extends": "lsq_w4a4", "bits": {"layers": {"layer1.0.conv1": {"weight": 2, "activation": 3}}}}
+    ctx = PassContext(recipe=load_recipe(planned))
     ctx.layers = {f"{r.piece}:{r.node}": r for r in qmodel.report.layers}
     assign_bits(qmodel.graph_module, ctx)
     layer = next(r for r in qmodel.report.layers if r.name == "layer1.0.conv1")
     wq, aqs = qmodel.layer_quantizers(layer)
     assert wq.bits == 2 and all(q.bits == 3 for q in aqs)
     assert qmodel.graph_module.code == code
-    with pytest.raises(fxquant.FxQuantError, match=r"did you mean 'layer1\.0\.conv"):
-        ctx.bit_plan = {"layer1.0.conv": (2, 2)}
-        assign_bits(qmodel.graph_module, ctx)
+    misspelt = {"extends": "lsq_w4a4", "bits": {"layers": {"layer1.0.conv": {"weight": 2}}}}
+    with pytest.raises(fxquant.RecipeError, match=r"bits: .*did you mean 'layer1\.0\.conv"):
+        fxquant.prepare_qat(resnet(), misspelt)
 
 
 @pytest.mark.parametrize("fmt", ["text", "markdown", "rich"])

@@ -9,9 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fxquant
-from fxquant.coreset import (
-    SCHEDULES,
-    CoresetConfig,
+from fxquant.config.sections import CORESET_SCHEDULES as SCHEDULES
+from fxquant.config.sections import CoresetConfig
+from fxquant.errors import RecipeError
+from fxquant.train.coreset import (
     CoresetSampler,
     NoisyLabels,
     evs_weight,
@@ -19,8 +20,7 @@ from fxquant.coreset import (
     score_samples,
     select,
 )
-from fxquant.distributed import DistInfo
-from fxquant.errors import RecipeError
+from fxquant.train.distributed import DistInfo
 
 
 class Linear(torch.nn.Module):
@@ -111,7 +111,7 @@ def test_fit_trains_on_the_coreset_only():
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(200, 1, 28, 28), torch.arange(200) % 10)
     qmodel = fxquant.prepare_qat(fxquant.models.resnet20(), "acs10_w4a4")
-    assert qmodel.teacher is not None  # the disagreement score needs the FP model
+    assert qmodel.float_model is not None  # the disagreement score needs the FP model
     history = fxquant.fit(qmodel, data, None, {"epochs": 2, "batch_size": 4}, progress=False)
     assert [h.train_samples for h in history] == [20, 20]
     assert all(h.scoring_seconds > 0 for h in history)

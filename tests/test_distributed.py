@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fxquant import distributed
-from fxquant.quantizers import LSQQuantizer
-from fxquant.spec import QuantizerConfig
+from fxquant.quant.quantizers import LSQQuantizer
+from fxquant.quant.spec import QuantizerConfig
+from fxquant.train import distributed
 
 HERE = Path(__file__).resolve().parent
 

@@ -4,8 +4,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fxquant.fake_quant import fake_quantize
-from fxquant.quantizers import integer_range
+from fxquant.quant.kernel import fake_quantize
+from fxquant.quant.quantizers import integer_range
 
 
 def torch_kernel(x, scale, zero_point, qmin, qmax, ch_axis, grad_factor):

@@ -9,7 +9,11 @@ from hypothesis import strategies as st
 
 import fxquant
 from fxquant.errors import RecipeError
-from fxquant.losses import (
+from fxquant.models import resnet20
+from fxquant.quant.quantizers import LSQQuantizer
+from fxquant.quant.spec import QuantizerConfig
+from fxquant.quant.taps import FeaturePerturbation
+from fxquant.train.losses import (
     channel_standardize,
     csd_loss,
     dkd_terms,
@@ -18,10 +22,6 @@ from fxquant.losses import (
     mec_moe_loss,
     sigmoid_rampup,
 )
-from fxquant.models import resnet20
-from fxquant.quantizers import LSQQuantizer
-from fxquant.spec import QuantizerConfig
-from fxquant.taps import FeaturePerturbation
 
 seeds = st.integers(0, 10_000)
 
@@ -153,8 +153,9 @@ def test_bad_feature_recipes_fail_at_prepare_time():
         )
     with pytest.raises(RecipeError, match=r"taps\.x.*matches nothing"):
         fxquant.prepare_qat(resnet20(), {"extends": "lsq_w4a4", "taps": {"x": "module:layer9"}})
-    with pytest.raises(RecipeError, match="teacher=False"):
-        fxquant.prepare_qat(resnet20(), "fpq_w4a4", teacher=False)
+    qmodel = fxquant.prepare_qat(resnet20(), "fpq_w4a4", float_model=False)
+    with pytest.raises(fxquant.FxQuantError, match=r"fpq distil from the float model.*TrainStep\(\.\.\., teacher="):
+        fxquant.TrainStep(qmodel, torch.optim.SGD(qmodel.parameters(), lr=0.1))
 
 
 @pytest.mark.parametrize(
@@ -164,17 +165,17 @@ def test_recipes_train_and_gradients_reach_only_the_student(recipe):
     torch.manual_seed(0)
     qmodel = fxquant.prepare_qat(resnet20(), recipe)
     step = fxquant.TrainStep(qmodel, fxquant.train.make_optimizer(qmodel, qmodel.recipe.train))
-    teacher_before = [p.clone() for p in qmodel.teacher.parameters()] if qmodel.teacher is not None else []
+    teacher_before = [p.clone() for p in step.teacher.parameters()] if step.teacher is not None else []
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     for _ in range(2):
         metrics = step(x, y)
-    kinds = {loss.kind for loss in qmodel.losses}
+    kinds = {loss.kind for loss in step.losses}
     assert all(math.isfinite(v) for v in metrics.values())
     assert any(name.startswith(tuple(kinds)) for name in metrics)
-    if qmodel.teacher is not None:
-        assert all(p.grad is None for p in qmodel.teacher.parameters())
-        assert all(torch.equal(a, b) for a, b in zip(teacher_before, qmodel.teacher.parameters()))
-    for loss in qmodel.losses:
+    if step.teacher is not None:
+        assert all(p.grad is None for p in step.teacher.parameters())
+        assert all(torch.equal(a, b) for a, b in zip(teacher_before, step.teacher.parameters()))
+    for loss in step.losses:
         ema = getattr(loss, "ema", None)
         if ema is not None:
             assert all(p.grad is None and not p.requires_grad for p in ema.parameters())
@@ -185,11 +186,12 @@ def test_recipes_train_and_gradients_reach_only_the_student(recipe):
 def test_ema_teacher_warms_up_to_the_mean_of_the_iterates(warmup):
     """With warm-up, the EMA after t steps (t < 1/(1 − decay)) is the plain mean of the initial weights and the
     t iterates; without it, the textbook recursion w_ema ← d·w_ema + (1 − d)·w."""
-    from fxquant.losses.consistency import ConsistencyLoss
+    from fxquant.config import ConsistencyConfig
+    from fxquant.train.losses.consistency import ConsistencyLoss
 
     torch.manual_seed(0)
     student = torch.nn.Linear(3, 2)
-    loss = ConsistencyLoss({"teacher": "ema", "ema_decay": 0.99, "ema_warmup": warmup})
+    loss = ConsistencyLoss(ConsistencyConfig(teacher="ema", ema_decay=0.99, ema_warmup=warmup))
     loss.teacher_model(student, None)
     iterates = [student.weight.detach().clone()]
     expected = iterates[0].clone()

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fxquant import QuantizerConfig, make_quantizer
-from fxquant.quantizers import integer_range
+from fxquant.quant.quantizers import integer_range
 
 
 def round_ste(x):

@@ -6,7 +6,7 @@ from torch import nn
 
 import fxquant
 from fxquant import RecipeError, load_recipe
-from fxquant.recipe import dumps_toml
+from fxquant.config import LayerBits, dumps_toml
 
 BUILTINS = ["lsq_w8a8", "lsq_w4a4", "lsq_w3a3", "lsq_w2a2", "lsq_w2a4", "ptq_w8a8"]
 
@@ -22,8 +22,8 @@ def test_low_bit_builtins_keep_first_and_last_layer_at_8_bits():
     recipe = load_recipe("lsq_w2a4")
     assert (recipe.quant.weight.bits, recipe.quant.activation.bits) == (2, 4)
     assert recipe.quant.weight.granularity == "per_channel"
-    assert recipe.quant.first_layer == {"weight_bits": 8, "activation_bits": 8}
-    assert recipe.quant.last_layer == {"weight_bits": 8, "activation_bits": 8}
+    assert recipe.quant.first_layer == LayerBits(weight_bits=8, activation_bits=8)
+    assert recipe.quant.last_layer == LayerBits(weight_bits=8, activation_bits=8)
     assert load_recipe("ptq_w8a8").quant.weight.scheme == "observer"
 
 
@@ -106,8 +106,8 @@ def test_overrides_are_validated_too():
 
 def test_to_toml_round_trips():
     recipe = load_recipe("lsq_w2a4", {"quant": {"rule": [{"match": {"type": "Linear"}, "weight": {"bits": 8}}]}})
-    again = fxquant.Recipe.from_dict(__import__("tomllib").loads(dumps_toml(recipe.data)))
-    assert again.data == recipe.data
+    again = fxquant.Recipe.from_dict(__import__("tomllib").loads(dumps_toml(recipe.toml)))
+    assert again.toml == recipe.toml and again.quant == recipe.quant
 
 
 def test_loading_a_recipe_never_executes_code(tmp_path):

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import fxquant
-from fxquant.quantizers import FakeQuantizer
-from fxquant.sam import SAMConfig
+from fxquant.config import SAMConfig
+from fxquant.quant.quantizers import FakeQuantizer
 
 
 class Net(torch.nn.Module):

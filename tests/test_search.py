@@ -113,14 +113,14 @@ def test_fit_runs_a_recipe_search_before_training():
     recipe = {"extends": "saq_w4a4", "search": {"method": "sam", "budget": "avg3", "batches": 1}}
     qmodel = fxquant.prepare_qat(fxquant.models.resnet20(), recipe)
     fxquant.fit(qmodel, data, None, {"epochs": 1, "batch_size": 16}, progress=False)
-    plan = qmodel.searched
+    plan = qmodel.bit_plan
     assert set(plan.values()) <= {(2, 2), (3, 3), (4, 4), (8, 8)} and plan["conv1"] == (8, 8)
-    assert fxquant.load_recipe("mixed_hessian").data["search"]["method"] == "hessian"
+    assert fxquant.load_recipe("mixed_hessian").search.method == "hessian"
 
 
 def test_controller_learns_to_prefer_cheap_choices():
     """REINFORCE alone: with reward = −(number of non-zero choices), the first choice's probability grows."""
-    from fxquant.saq_generator import Controller
+    from fxquant.search.saq_generator import Controller
 
     torch.manual_seed(0)
     controller = Controller(layers=3, choices=3)
@@ -140,7 +140,7 @@ def test_saq_generator_returns_a_plan_inside_the_budget():
     torch.manual_seed(0)
     qmodel = fxquant.prepare_qat(fxquant.models.resnet20(), "lsq_w4a4", torch.randn(1, 1, 28, 28))
     batches = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(3)]
-    fxquant.distributed.initialize_quantizers(qmodel, batches[0][0])
+    fxquant.calibrate(qmodel, batches[0][0])
     plan, layers = fxquant.search.search(qmodel, batches, "avg4", method="saq", iterations=4)
     budget = parse_budget("avg4", layers)
     assert fxquant.search.total_cost(layers, plan, budget) <= budget.limit

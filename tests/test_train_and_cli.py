@@ -7,6 +7,7 @@ import torch
 
 import fxquant
 from fxquant.cli import main
+from fxquant.config import TrainConfig
 from fxquant.data import DataNotFoundError, fashion_mnist, read_idx
 from fxquant.models import resnet20
 from fxquant.train import TrainStep, evaluate, make_optimizer, parameter_groups
@@ -61,7 +62,7 @@ def test_train_step_learns_a_separable_toy_problem():
     )
     x = torch.randn(256, 4)
     y = (x[:, 0] > 0).long()
-    step = TrainStep(qmodel, make_optimizer(qmodel, {"lr": 0.1, "optimizer": "sgd"}))
+    step = TrainStep(qmodel, make_optimizer(qmodel, TrainConfig(lr=0.1, optimizer="sgd")))
     first = step(x, y)
     for _ in range(150):
         last = step(x, y)

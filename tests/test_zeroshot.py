@@ -106,7 +106,7 @@ def test_tiny_end_to_end_beats_no_training():
     warm = fxquant.zeroshot.train(
         untrained, {"iterations": 30, "warmup_iterations": 30}, image_shape=(1, 8, 8), progress=False
     )
-    fxquant.distributed.initialize_quantizers(untrained, warm.generator(*warm.generator.sample(64)).detach())
+    fxquant.calibrate(untrained, warm.generator(*warm.generator.sample(64)).detach())
     baseline = fxquant.evaluate(untrained, test)["top1"]
     trained = fxquant.prepare_qat(fp, recipe)
     result = fxquant.zeroshot.train(trained, image_shape=(1, 8, 8), progress=False)

@@ -9,8 +9,8 @@ from hypothesis import given
 from torch import fx
 
 import fxquant
-from fxquant.layers import QuantizedLayer
-from fxquant.recipe import load_recipe
+from fxquant.config import load_recipe
+from fxquant.quant.layers import QuantizedLayer
 from tests.strategies import INPUT_SHAPE, models, recipes
 
 

@@ -14,9 +14,8 @@ from fxquant.passes import (
 from hypothesis import given
 
 import fxquant
-from fxquant.losses import feature_plan
-from fxquant.recipe import load_recipe
-from fxquant.taps import FeaturePerturbation, Tap
+from fxquant.config import load_recipe
+from fxquant.quant.taps import FeaturePerturbation, Tap
 
 from ..strategies import INPUT_SHAPE, feature_recipes, models
 
@@ -47,17 +46,14 @@ def test_taps_and_disabled_perturbations_never_change_outputs(model, recipe):
     tapped.train()
     tapped.taps.clear()
     tapped(x)
-    assert set(tapped.taps) == set(feature_plan(load_recipe(recipe))[0])
+    assert set(tapped.taps) == set(load_recipe(recipe).features.taps)
 
 
 @given(model=models(), recipe=feature_recipes())
 def test_tap_passes_are_idempotent_and_graph_stays_valid(model, recipe):
     qmodel = fxquant.prepare_qat(model, recipe)
     gm = qmodel.graph_module
-    selectors, perturb = feature_plan(load_recipe(recipe))
-    ctx = PassContext(recipe=load_recipe(recipe), tap_selectors=selectors)
-    if perturb:
-        ctx.perturb_p, ctx.perturb_type = perturb
+    ctx = PassContext(recipe=load_recipe(recipe))
     for fn in (annotate, fold_bn, insert_quantizers, insert_perturbations, insert_taps, assign_bits, verify):
         before = gm.code
         gm = fn(gm, ctx)

@@ -1,0 +1,47 @@
+"""The ``fxquant`` command (also ``python -m fxquant``): one small module per command.
+
+Errors are one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fxquant.errors import FxQuantError
+
+from . import demo, recipes, search, summary, train, zeroshot
+
+EXIT_USAGE = 2
+# Each module adds its own sub-command(s); the order is the order of `fxquant --help`.
+COMMANDS = (demo, summary, train, search, zeroshot, recipes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
+    parser = argparse.ArgumentParser(prog="fxquant", description="Quantization-aware training by graph rewriting.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fxquant`` command.
+
+    Example usage::
+
+        main(["validate", "my_recipe.toml"])      # 0, or 2 with one line on stderr
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FxQuantError, ValueError, FileNotFoundError) as err:
+        print(f"fxquant {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"fxquant {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+__all__ = ["EXIT_USAGE", "build_parser", "main"]

@@ -1,0 +1,170 @@
+"""Quantized layers: the modules a rewritten graph calls in place of conv / linear / conv-transpose.
+
+Each is a subclass of the float layer it replaces, sharing its parameters, so that ``state_dict`` keys stay
+those of the float model (``conv1.weight``) plus the quantizer's (``conv1.weight_quantizer.scale``): a float
+checkpoint loads into a prepared model with ``strict=False``. The weight goes through
+``self.weight_quantizer`` on every forward; activations are quantized by separate graph nodes.
+
+:class:`ConvBn` is the QAT form of a conv followed by batch norm (``bn = "fold"`` in a recipe): the weight
+is quantized *folded* (w·γ/σ, as it will be deployed) while the batch norm still normalises with batch
+statistics and updates its running statistics during training (Jacob et al. 2018, as torch.ao does).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxquant.quant.quantizers import FakeQuantizer
+
+
+class QuantizedLayer:
+    """Marker and shared behaviour of layers whose weight is fake-quantized."""
+
+    weight_quantizer: FakeQuantizer
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quantizer(self.weight)
+
+
+class QuantConv1d(QuantizedLayer, nn.Conv1d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+
+class QuantConv2d(QuantizedLayer, nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+
+class QuantConv3d(QuantizedLayer, nn.Conv3d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+
+class QuantLinear(QuantizedLayer, nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+
+class _QuantConvTransposeNd(QuantizedLayer):
+    _functional = None
+    _spatial_dims = 0
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        output_padding = self._output_padding(
+            x, output_size, self.stride, self.padding, self.kernel_size, self._spatial_dims, self.dilation
+        )
+        return type(self)._functional(
+            x,
+            self.quantized_weight(),
+            self.bias,
+            self.stride,
+            self.padding,
+            output_padding,
+            self.groups,
+            self.dilation,
+        )
+
+
+class QuantConvTranspose1d(_QuantConvTransposeNd, nn.ConvTranspose1d):
+    _functional = F.conv_transpose1d
+    _spatial_dims = 1
+
+
+class QuantConvTranspose2d(_QuantConvTransposeNd, nn.ConvTranspose2d):
+    _functional = F.conv_transpose2d
+    _spatial_dims = 2
+
+
+class QuantConvTranspose3d(_QuantConvTransposeNd, nn.ConvTranspose3d):
+    _functional = F.conv_transpose3d
+    _spatial_dims = 3
+
+
+class ConvBn(QuantizedLayer, nn.Module):
+    """Conv followed by batch norm, trained with the folded weight quantized.
+
+    Example usage::
+
+        fused = ConvBn(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+        fused.weight_quantizer = make_quantizer(QuantizerConfig(bits=4), "weight", ch_axis=0)
+    """
+
+    def __init__(self, conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        self.conv = conv
+        self.bn = bn
+        self.weight_quantizer = nn.Identity()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.conv.weight
+
+    def _bn_scale(self) -> torch.Tensor:
+        """γ/σ per output channel, from the running variance (what deployment will fold in)."""
+        std = torch.sqrt(self.bn.running_var + self.bn.eps)
+        gamma = self.bn.weight if self.bn.affine else torch.ones_like(std)
+        return gamma / std
+
+    def folded_weight(self) -> torch.Tensor:
+        scale = self._bn_scale()
+        return self.conv.weight * scale.reshape(-1, *([1] * (self.conv.weight.dim() - 1)))
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quantizer(self.folded_weight())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self._bn_scale()
+        y = self.conv._conv_forward(x, self.quantized_weight(), None)
+        shape = (1, -1) + (1,) * (y.dim() - 2)
+        # Undo the fold so that batch norm sees the unfolded conv output: in training it normalises with
+        # batch statistics (and updates the running ones); in eval the whole expression equals the folded
+        # conv with bias β + (b − μ)·γ/σ, which is what convert() deploys.
+        y = y / scale.reshape(shape)
+        if self.conv.bias is not None:
+            y = y + self.conv.bias.reshape(shape)
+        return self.bn(y)
+
+
+QUANTIZED_CLASS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv1d: QuantConv1d,
+    nn.Conv2d: QuantConv2d,
+    nn.Conv3d: QuantConv3d,
+    nn.Linear: QuantLinear,
+    nn.ConvTranspose1d: QuantConvTranspose1d,
+    nn.ConvTranspose2d: QuantConvTranspose2d,
+    nn.ConvTranspose3d: QuantConvTranspose3d,
+}
+# Linear subclasses torch uses internally that behave exactly like Linear.
+QUANTIZED_CLASS[nn.modules.linear.NonDynamicallyQuantizableLinear] = QuantLinear
+
+
+def weight_channel_axis(module: nn.Module) -> int:
+    """The output-channel axis of a layer's weight: 1 for transposed convolutions, else 0."""
+    layer = module.conv if isinstance(module, ConvBn) else module
+    return 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0
+
+
+def is_quantizable_module(module: nn.Module) -> bool:
+    """A float layer fxquant knows how to quantize, or one already quantized."""
+    return type(module) in QUANTIZED_CLASS or isinstance(module, (QuantizedLayer, ConvBn))
+
+
+def to_quantized(module: nn.Module, weight_quantizer: FakeQuantizer) -> nn.Module:
+    """The quantized form of ``module``, sharing its parameters, buffers and attributes.
+
+    ``module`` itself is left as it was; the caller swaps the result in.
+    """
+    if isinstance(module, QuantizedLayer):
+        return module
+    cls = QUANTIZED_CLASS.get(type(module))
+    if cls is None:
+        raise TypeError(f"fxquant cannot quantize a {type(module).__name__}")
+    quantized = cls.__new__(cls)
+    quantized.__dict__ = dict(module.__dict__)
+    for slot in ("_parameters", "_buffers", "_modules"):
+        quantized.__dict__[slot] = dict(module.__dict__[slot])
+    quantized.weight_quantizer = weight_quantizer
+    return quantized

@@ -1,0 +1,115 @@
+"""Data-parallel training support: who am I, which samples are mine, and identical quantizer initialisation.
+
+Nothing here is decided at import time: :func:`setup` reads the environment ``torchrun`` sets
+(``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``) when ``fit`` calls it, and joins the
+process group (gloo on CPU, nccl when CUDA is available) unless the caller already did.
+
+Quantizer steps are learned from the first batch. Under data parallelism each rank sees a different batch,
+so :func:`initialize_quantizers` reduces the statistics the steps are computed from across ranks (sums for
+LSQ's mean |x|, min/max for LSQ+ and observers, "any negative" for the sign): every rank starts from the same
+steps, and they equal what a single process would compute from the whole global batch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fxquant.quant.quantizers import FakeQuantizer
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job. ``world_size == 1`` for an ordinary single-process run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(mode: str = "auto") -> DistInfo:
+    """Join the process group when launched by ``torchrun`` (``mode="auto"``), or stay single-process
+    (``mode="off"``). Returns this process's rank and the world size.
+
+    Example usage::
+
+        info = fxquant.distributed.setup()    # under torchrun --nproc_per_node 2: rank 0 or 1 of 2
+    """
+    if mode not in ("auto", "off"):
+        raise ValueError(f"distributed mode must be 'auto' or 'off', got {mode!r}")
+    if not torch.distributed.is_available():
+        return DistInfo()
+    if torch.distributed.is_initialized():
+        return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), _local_rank())
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if mode == "off" or world_size <= 1:
+        return DistInfo()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    torch.distributed.init_process_group(backend=backend)
+    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), _local_rank())
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (``sum``, ``min``, ``max``) when a process group is up; otherwise unchanged."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        reduce_op = {"sum": torch.distributed.ReduceOp.SUM, "min": torch.distributed.ReduceOp.MIN}.get(
+            op, torch.distributed.ReduceOp.MAX
+        )
+        torch.distributed.all_reduce(t, op=reduce_op)
+    return t
+
+
+@contextmanager
+def _synchronised(quantizers: list[FakeQuantizer]) -> Iterator[None]:
+    for q in quantizers:
+        q.reduce_statistics = all_reduce
+    try:
+        yield
+    finally:
+        for q in quantizers:
+            q.reduce_statistics = None
+
+
+@torch.no_grad()
+def initialize_quantizers(model: nn.Module, *args: torch.Tensor) -> int:
+    """Initialise every not-yet-initialised quantizer from one forward on ``args`` (training mode, no
+    gradient, batch-norm running statistics left as they were), with statistics reduced across ranks when
+    a process group is up. Returns how many quantizers were initialised. Every rank must call it.
+
+    Example usage::
+
+        x, _ = next(iter(train_loader))
+        fxquant.distributed.initialize_quantizers(qmodel, x)
+    """
+    quantizers = [m for m in model.modules() if isinstance(m, FakeQuantizer) and not bool(m.initialized)]
+    if not quantizers:
+        return 0
+    quantizer_buffers = {id(b) for q in quantizers for b in q.buffers()}
+    saved = [(b, b.clone()) for b in model.buffers() if id(b) not in quantizer_buffers]
+    was_training = model.training
+    model.train()
+    try:
+        with _synchronised(quantizers):
+            model(*args)
+    finally:
+        model.train(was_training)
+        for buffer, value in saved:
+            buffer.copy_(value)
+    return sum(bool(q.initialized) for q in quantizers)

@@ -1,0 +1,70 @@
+"""CR — consistency regularization for QAT (Pang et al.): the quantized student on one augmented view should
+agree with a teacher on another view. Our reading (the paper leaves these open; see METHODS.md): the teacher
+is an EMA of the student (decay 0.999; a mean teacher) or the FP model; agreement is KL on temperature-
+softened logits, optionally plus MSE on a tapped feature; the weight ramps up with a sigmoid.
+
+The EMA warms up as the Mean Teacher reference code does: after step t its decay is min(decay, 1 − 1/(t+1)),
+so until t ≈ 1/(1 − decay) the teacher is the plain mean of the student's iterates. Without it, a 0.999 teacher
+over a short fine-tune (a few hundred steps) stays ≈ the freshly quantized model — at W2A2 a poor one, which
+the consistency term then pulls the student back towards.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxquant.config.sections import ConsistencyConfig
+
+from ..teachers import copy_for_teacher
+from .base import AuxLoss, LossInputs
+from .kd import kd_loss
+
+
+class ConsistencyLoss(AuxLoss[ConsistencyConfig]):
+    """Recipe ``kind = "consistency"``: student on view 0, teacher on view 1.
+
+    Example usage (own loop)::
+
+        loss = ConsistencyLoss(ConsistencyConfig(teacher="ema", ramp_epochs=2))
+    """
+
+    student_views = (0,)
+    teacher_views = (1,)
+
+    def __init__(self, config: ConsistencyConfig, name: str | None = None):
+        super().__init__(config, name)
+        self.ema_steps = 0
+        self.ema: nn.Module | None = None
+
+    def teacher_model(self, student: nn.Module, fp_teacher: nn.Module | None) -> nn.Module | None:
+        if self.config.teacher == "fp":
+            return fp_teacher
+        if self.ema is None:  # created on first use, after the student's quantizers are initialised
+            self.ema = copy_for_teacher(student)
+        return self.ema
+
+    @torch.no_grad()
+    def after_step(self, student: nn.Module) -> None:
+        if self.ema is None:
+            return
+        self.ema_steps += 1
+        decay = self.config.ema_decay
+        if self.config.ema_warmup:
+            decay = min(decay, 1.0 - 1.0 / (self.ema_steps + 1))
+        for ema_p, p in zip(self.ema.parameters(), student.parameters()):
+            ema_p.mul_(decay).add_(p.detach(), alpha=1.0 - decay)
+        for ema_b, b in zip(self.ema.buffers(), student.buffers()):
+            ema_b.copy_(b)
+
+    def compute(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
+        student = inputs.student[0]
+        teacher = inputs.teachers[(self.config.teacher, 1)]
+        terms = {}
+        if self.config.logits:
+            terms["kl"] = kd_loss(student.logits, teacher.logits, self.config.T)
+        if self.config.tap:
+            s_feat, t_feat = student.taps[self.config.tap], teacher.taps[self.config.tap]
+            terms["mse"] = self.config.feature_weight * F.mse_loss(s_feat, t_feat)
+        return terms

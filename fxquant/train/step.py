@@ -1,0 +1,168 @@
+"""TrainStep: one optimisation step per call — the views, forwards, teachers and losses a recipe declares,
+SAM's two passes when the recipe has ``[optim.sam]``, and the optimizer step.
+
+Ownership: the step builds the recipe's loss objects and the teacher they need. The FP teacher comes from the
+float model (``teacher=`` here, else ``qmodel.float_model``) with the student's own prepared structure, so that
+it records the same taps (:func:`fxquant.train.teachers.float_teacher`); EMA teachers belong to their loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from fxquant.errors import FxQuantError
+from fxquant.qat_model import QATModel
+
+from .augment import augment_batch
+from .losses import AuxLoss, Forward, LossInputs, build_losses
+from .sam import SAM
+from .teachers import float_teacher, freeze
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def build_teacher(student: nn.Module, float_model: nn.Module | None, losses: Iterable[AuxLoss]) -> nn.Module | None:
+    """The FP teacher ``losses`` need (None when none of them distils from the float model).
+
+    Example usage::
+
+        teacher = build_teacher(qmodel, fp_model, build_losses(qmodel.recipe.losses))
+    """
+    readers = [loss for loss in losses if loss.teacher_kind == "fp"]
+    if not readers:
+        return None
+    if float_model is None:
+        raise FxQuantError(
+            f"the losses {', '.join(loss.name for loss in readers)} distil from the float model, but there is none: "
+            "pass TrainStep(..., teacher=float_model), or prepare_qat(..., float_model=float_model)"
+        )
+    if not isinstance(student, QATModel):
+        return freeze(float_model)
+    return float_teacher(student, float_model, [loss.name for loss in readers if loss.config.taps()])
+
+
+class TrainStep:
+    """One optimisation step per call: the views, forwards and losses the model's recipe declares, backward,
+    optimizer step. Returns a dict of metrics (one per loss term, plus ``loss`` and ``acc``).
+
+    ``losses`` (default: built from the model's recipe) are the auxiliary losses; ``teacher`` is the float model
+    they distil from (default ``qmodel.float_model``; a plain float model of the student's architecture, or a
+    prepared one; it is frozen); ``extra_losses`` are callables ``(step, x, y, logits) -> dict``
+    added to the loss. A batch is ``(x, y)`` or ``(x, x2, y)``: when a loss needs a second view and the batch
+    has none, it is made from ``x`` with :func:`fxquant.data.augment_batch` (strong augmentation).
+    ``progress`` (fractional epochs, set by ``fit``) drives ramp-ups.
+
+    Example usage::
+
+        step = fxquant.TrainStep(qmodel, optimizer)
+        for x, y in loader:
+            metrics = step(x, y)      # {"ce": ..., "fpq.csd": ..., "loss": ..., "acc": ...}
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        teacher: nn.Module | None = None,
+        losses: Iterable[AuxLoss] | None = None,
+        extra_losses: Iterable[Callable[..., dict[str, torch.Tensor]]] = (),
+    ):
+        self.model = model
+        self.student = unwrap(model)
+        self.optimizer = optimizer
+        self.criterion = criterion or nn.CrossEntropyLoss()
+        recipe = self.student.recipe if isinstance(self.student, QATModel) else None
+        if losses is None:
+            losses = build_losses(recipe.losses) if recipe is not None else []
+        self.losses = list(losses)
+        float_model = teacher if teacher is not None else getattr(self.student, "float_model", None)
+        self.teacher = build_teacher(self.student, float_model, self.losses)
+        self.extra_losses = list(extra_losses)
+        self.progress = 0.0
+        self.views = 1 + max((v for loss in self.losses for v in (*loss.student_views, *loss.teacher_views)), default=0)
+        self.sam = SAM(self.student, recipe.sam) if recipe is not None and recipe.sam is not None else None
+
+    def _forward(self, model: nn.Module, x: torch.Tensor) -> Forward:
+        store = getattr(unwrap(model), "taps", None)
+        if store is not None:
+            store.clear()
+        logits = model(x)
+        return Forward(logits, dict(store) if store is not None else {})
+
+    def _student_forwards(self, views: list[torch.Tensor], which: list[int]) -> dict[int, Forward]:
+        # Several views go through the student as one batch: one forward per backward (what DDP requires),
+        # and one larger batch is faster than two.
+        batch = views[which[0]] if len(which) == 1 else torch.cat([views[v] for v in which])  # no copy for one view
+        joint = self._forward(self.model, batch)
+        return dict(zip(which, _split(joint, len(which))))
+
+    def __call__(self, *batch: torch.Tensor) -> dict[str, float]:
+        *views, y = batch
+        while len(views) < self.views:
+            views.append(augment_batch(views[0], "strong"))
+        self.model.train()
+        student_views = sorted({0, *(v for loss in self.losses for v in loss.student_views)})
+        teachers: dict[tuple[str, int], Forward] = {}
+        first_logits: list[torch.Tensor] = []
+
+        def loss_terms() -> dict[str, torch.Tensor]:
+            """Student forward(s) and every loss term; SAM calls it twice, at w and at the perturbed point."""
+            forwards = self._student_forwards(views, student_views)
+            out = forwards[0].logits
+            if not first_logits:  # teachers run once per step, after the student (an EMA copy needs its init)
+                first_logits.append(out)
+                with torch.no_grad():
+                    for loss in self.losses:
+                        model = loss.teacher_model(self.student, self.teacher)
+                        for v in loss.teacher_views if model is not None else ():
+                            if (loss.teacher_kind, v) not in teachers:
+                                teachers[(loss.teacher_kind, v)] = self._forward(model, views[v])
+            terms = {"ce": self.criterion(out, y)}
+            inputs = LossInputs(y, forwards, teachers, self.progress)
+            for loss in self.losses:
+                terms.update(loss(inputs))
+            for extra in self.extra_losses:
+                terms.update(extra(self, views[0], y, out))
+            return terms
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.sam is None:
+            terms = loss_terms()
+            total = sum(terms.values())
+            total.backward()
+        else:  # SAM: two forward/backward passes; .grad holds the perturbed point's gradient
+            terms = self.sam.step(loss_terms)
+            total = sum(terms.values())
+        self.optimizer.step()
+        logits = first_logits[0]
+        for loss in self.losses:
+            loss.after_step(self.student)
+        if getattr(self.student, "taps", None) is not None:
+            self.student.taps.clear()  # drop references to this step's activations
+        metrics = {name: float(value.detach()) for name, value in terms.items()}
+        metrics["loss"] = float(total.detach())
+        metrics["acc"] = float((logits.detach().argmax(1) == y).float().mean())
+        return metrics
+
+
+def _split(forward: Forward, parts: int) -> list[Forward]:
+    """A forward on concatenated views, split back per view (logits and every batch-shaped tap)."""
+    if parts == 1:
+        return [forward]
+
+    def chunk(value):
+        if isinstance(value, dict):
+            pieces = {k: chunk(v) for k, v in value.items()}
+            return [{k: pieces[k][i] for k in pieces} for i in range(parts)]
+        return list(value.chunk(parts))
+
+    logits = chunk(forward.logits)
+    taps = {name: chunk(value) for name, value in forward.taps.items()}
+    return [Forward(logits[i], {name: taps[name][i] for name in taps}) for i in range(parts)]
