@@ -18,24 +18,16 @@ import json
 import statistics
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import torch
+from common import PRESETS, fp_checkpoint, mean_std, parse_sets, write_results
 from tabulate import tabulate
 
 import fxquant
 from fxquant import evaluate, fit
 from fxquant.data import fashion_mnist
 
-RESULTS = Path(__file__).resolve().parent / "results"
-CACHE = Path(".fxquant_cache")
-
-PRESETS = {
-    # train images, FP epochs, QAT epochs
-    "quick": {"train_images": 20000, "fp_epochs": 3, "qat_epochs": 2},
-    "full": {"train_images": 60000, "fp_epochs": 15, "qat_epochs": 6},
-}
 # Named groups of rows (a comma-separated list of recipes works too).
 GROUPS = {
     "lsq": "lsq_w4a4,lsq_w3a3,lsq_w2a2",
@@ -44,44 +36,12 @@ GROUPS = {
     "sharpness": "lsq_w4a4,saq_w4a4,lsq_w2a2,saq_w2a2,lsq_w3a3,mixed_hessian",
 }
 DEFAULT_RECIPES = "lsq"
-FP_CONFIG = {"lr": 0.1, "weight_decay": 5e-4, "batch_size": 128, "schedule": "cosine"}
-
-
-def fp_checkpoint(model_name: str, preset: str, seed: int, train_data) -> tuple[torch.nn.Module, float]:
-    """The FP model of this preset and seed, trained once and cached. Returns (model, seconds spent training)."""
-    settings = PRESETS[preset]
-    path = CACHE / f"{model_name}_fp_{preset}_{settings['train_images']}x{settings['fp_epochs']}_seed{seed}.pt"
-    torch.manual_seed(seed)
-    model = fxquant.models.build(model_name)
-    if path.is_file():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return model, 0.0
-    start = time.perf_counter()
-    fit(
-        model,
-        train_data,
-        None,
-        {**FP_CONFIG, "epochs": settings["fp_epochs"]},
-        description=f"FP32 seed {seed}",
-        seed=seed,
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path)
-    return model, time.perf_counter() - start
-
-
-def quick_setup(model_name: str = "resnet20", seed: int = 0):
-    """What the method benchmarks start from: (training data, FP model, test loader, FP top-1) of the quick preset."""
-    train = fashion_mnist("train", augment="standard", limit=PRESETS["quick"]["train_images"])
-    fp, _ = fp_checkpoint(model_name, "quick", seed, train)
-    test = torch.utils.data.DataLoader(fashion_mnist("test"), batch_size=512)
-    return train, fp, test, evaluate(fp, test)["top1"]
 
 
 def run_recipe(recipe: str, fp_model, train_data, test_data, epochs: int, seed: int, overrides=None) -> dict:
     torch.manual_seed(seed)
     qmodel = fxquant.prepare_qat(fp_model, recipe, torch.randn(1, 1, 28, 28), **(overrides or {}))
-    config = {**qmodel.recipe.train, "epochs": epochs}
+    config = qmodel.recipe.train.override(epochs=epochs)
     start = time.perf_counter()
     history = fit(qmodel, train_data, None, config, description=f"{recipe} seed {seed}", seed=seed)
     seconds = time.perf_counter() - start
@@ -95,30 +55,6 @@ def run_recipe(recipe: str, fp_model, train_data, test_data, epochs: int, seed: 
         "seconds": seconds,
         "images_per_second": statistics.mean(h.images_per_second for h in history),
     }
-
-
-def parse_sets(items: list[str]) -> dict:
-    """``["quant.activation.init=mse"]`` → ``{"quant": {"activation": {"init": "mse"}}}`` (recipe overrides)."""
-    overrides: dict = {}
-    for item in items:
-        key, _, text = item.partition("=")
-        try:
-            value = tomllib.loads(f"v = {text}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = text
-        *parents, leaf = key.split(".")
-        table = overrides
-        for part in parents:
-            table = table.setdefault(part, {})
-        table[leaf] = value
-    return overrides
-
-
-def mean_std(values: list[float], digits: int = 2) -> str:
-    """ "87.10" for one value, "87.10 ± 0.32" (sample standard deviation) for several."""
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def main() -> None:
@@ -212,15 +148,8 @@ def main() -> None:
         + ".\n\n"
         f"{table}\n"
     )
-    RESULTS.mkdir(exist_ok=True)
     stem = f"accuracy_{args.model}_{preset}" + (f"_{args.tag}" if args.tag else "")
-    (RESULTS / f"{stem}.md").write_text(text)
-    (RESULTS / f"{stem}.json").write_text(
-        json.dumps(
-            {"command": command, "settings": settings, "overrides": overrides, "fp": fp_runs, "runs": runs}, indent=1
-        )
-    )
-    print(text)
+    write_results(stem, text, {"settings": settings, "overrides": overrides, "fp": fp_runs, "runs": runs})
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from fxquant.data import fashion_mnist
 from fxquant.train.coreset import NoisyLabels, random_subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import PRESETS, RESULTS, fp_checkpoint, parse_sets
+from common import PRESETS, fp_checkpoint, parse_sets, write_results
 
 EPOCHS = {"quick": 3, "full": 6}
 
@@ -43,7 +43,7 @@ def run(fp_model, bits, method, fraction, train_data, test_loader, epochs, seed,
         data = torch.utils.data.Subset(train_data, chosen.tolist())
     qmodel = fxquant.prepare_qat(fp_model, f"lsq_{bits}", **overrides)
     start = time.perf_counter()
-    history = fit(qmodel, data, None, {**qmodel.recipe.train, "epochs": epochs}, description=f"{bits} {method}")
+    history = fit(qmodel, data, None, qmodel.recipe.train.override(epochs=epochs), description=f"{bits} {method}")
     seconds = time.perf_counter() - start
     noisy = train_data.noisy
     if method == "acs":
@@ -132,11 +132,8 @@ def main() -> None:
         "subset of the same size, fixed.\n\n"
         f"{table}\n"
     )
-    RESULTS.mkdir(exist_ok=True)
     stem = f"coreset_{preset}" + (f"_{args.tag}" if args.tag else "")
-    (RESULTS / f"{stem}.md").write_text(text)
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
-    print(text)
+    write_results(stem, text, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -15,21 +15,19 @@ Writes benchmarks/results/overhead.md and overhead.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torchvision
+from baselines import ao_prepare_qat_fx, ao_start_learning
+from common import write_results
 from tabulate import tabulate
 from torch import nn
 
 import fxquant
-from fxquant.quant import observers as _ao
 
-RESULTS = Path(__file__).resolve().parent / "results"
 WARMUP_STEPS = 5
 GOAL_RATIO = 1.3
 
@@ -61,8 +59,8 @@ def _build_variants(model: nn.Module, x: torch.Tensor) -> dict[str, nn.Module]:
         "FP32": model,
         "fxquant W8A8": fxquant.prepare_qat(model, "lsq_w8a8", example[0]),
         "fxquant W4A4": fxquant.prepare_qat(model, "lsq_w4a4", example[0]),
-        "torch.ao x86 (8-bit)": _ao.ao_prepare_qat_fx(model, example, "x86"),
-        "torch.ao learnable W4A4": _ao.ao_prepare_qat_fx(model, example, "learnable4"),
+        "torch.ao x86 (8-bit)": ao_prepare_qat_fx(model, example, "x86"),
+        "torch.ao learnable W4A4": ao_prepare_qat_fx(model, example, "learnable4"),
     }
 
 
@@ -105,7 +103,7 @@ def bench_model(name: str, steps: int) -> list[dict]:
     for label, stepper in steppers.items():
         stepper()  # first batch: fxquant initialises steps, torch.ao observes
         if label == "torch.ao learnable W4A4":
-            _ao.ao_start_learning(stepper.model)
+            ao_start_learning(stepper.model)
         for _ in range(WARMUP_STEPS - 1):
             stepper()
     times: dict[str, list[float]] = {label: [] for label in steppers}
@@ -183,10 +181,7 @@ def main() -> None:
         + "\n".join(verdicts)
         + f"\n\n{table}\n"
     )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "overhead.md").write_text(text)
-    (RESULTS / "overhead.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
-    print(text)
+    write_results("overhead", text, {"rows": rows})
 
 
 if __name__ == "__main__":

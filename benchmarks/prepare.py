@@ -11,21 +11,18 @@ Writes benchmarks/results/prepare.md and prepare.json. Ratios, not seconds, are 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 import torchvision
+from common import write_results
 from tabulate import tabulate
 from torch import nn
 
 import fxquant
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _ao_prepare(model: nn.Module, example: torch.Tensor) -> nn.Module:
@@ -177,12 +174,7 @@ def main() -> None:
         f"(goal ≤ 1.0; {sum(r <= 1.0 for r in ratios)} of {len(ratios)} models at or below 1.0).\n\n"
         f"{model_table}\n\n## Growth with graph size (synthetic conv/relu chain)\n\n{chain_table}\n"
     )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "prepare.md").write_text(text)
-    (RESULTS / "prepare.json").write_text(
-        json.dumps({"models": model_rows, "chain": chain_rows, "median_ratio": median_ratio}, indent=1)
-    )
-    print(text)
+    write_results("prepare", text, {"models": model_rows, "chain": chain_rows, "median_ratio": median_ratio})
 
 
 if __name__ == "__main__":

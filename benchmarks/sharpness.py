@@ -28,7 +28,7 @@ from fxquant import evaluate, fit
 from fxquant.summary import collect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import PRESETS, RESULTS, mean_std, quick_setup
+from common import PRESETS, mean_std, quick_setup, write_results
 
 
 def main() -> None:
@@ -86,11 +86,11 @@ def main() -> None:
         torch.manual_seed(seed)
         qmodel = fxquant.prepare_qat(fp, recipe, example)
         start = time.perf_counter()
-        config = {**qmodel.recipe.train, "epochs": args.epochs}
+        config = qmodel.recipe.train.override(epochs=args.epochs)
         history = fit(qmodel, train, None, config, description=f"{label} seed {seed}", seed=seed)
         seconds = time.perf_counter() - start
         _, totals = collect(qmodel)
-        searched = qmodel.__dict__.get("searched")
+        searched = qmodel.bit_plan if qmodel.recipe.search is not None else None
         rows.append(
             {
                 "run": label,
@@ -134,11 +134,8 @@ def main() -> None:
         + ".\n\n"
         f"{table}\n"
     )
-    RESULTS.mkdir(exist_ok=True)
     stem = "sharpness" + (f"_{args.tag}" if args.tag else "")
-    (RESULTS / f"{stem}.md").write_text(text)
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"command": command, "fp_top1": fp_top1, "rows": rows}, indent=1))
-    print(text)
+    write_results(stem, text, {"fp_top1": fp_top1, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import fxquant
 from fxquant import evaluate, fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import RESULTS, quick_setup
+from common import RESULTS, quick_setup, write_results
 
 ABLATIONS = {
     "LRQ": {},
@@ -71,13 +71,13 @@ def main() -> None:
         qmodel = fxquant.prepare_qat(fp, recipe)
         with torch.no_grad():
             images = warm(*warm.sample(args.batch))
-        fxquant.distributed.initialize_quantizers(qmodel, images)
+        fxquant.calibrate(qmodel, images)
         rows.append({"bits": bits, "method": "no training", "top1": evaluate(qmodel, test)["top1"], "seconds": 0.0})
         # real data, same number of student steps and batch size
         qmodel = fxquant.prepare_qat(fp, f"lsq_{bits}")
         subset = torch.utils.data.Subset(train, range(student_steps * args.batch))
         start = time.perf_counter()
-        fit(qmodel, subset, None, {**qmodel.recipe.train, "epochs": 1, "batch_size": args.batch}, description="real")
+        fit(qmodel, subset, None, qmodel.recipe.train.override(epochs=1, batch_size=args.batch), description="real")
         rows.append(
             {"bits": bits, "method": "real-data QAT", "top1": evaluate(qmodel, test)["top1"],
              "seconds": time.perf_counter() - start}
@@ -101,10 +101,7 @@ def main() -> None:
         f"{student_steps} LSQ steps of {args.batch} real images. Samples: `zeroshot_samples_<bits>.png`.\n\n"
         f"{table}\n"
     )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "zeroshot.md").write_text(text)
-    (RESULTS / "zeroshot.json").write_text(json.dumps({"command": command, "fp_top1": fp_top1, "rows": rows}, indent=1))
-    print(text)
+    write_results("zeroshot", text, {"fp_top1": fp_top1, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -103,6 +103,23 @@ def test_bn_folding_keeps_running_statistics_updating_and_matches_in_eval():
         torch.testing.assert_close(qmodel(x), model(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("bn", ["keep", "fold"])
+def test_a_float_state_dict_loads_by_its_own_keys(bn):
+    torch.manual_seed(0)
+    trained, fresh = resnet(), resnet()
+    for m in trained.modules():  # give BN statistics that differ from a fresh model's
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+    qmodel = fxquant.prepare_qat(fresh, "lsq_w4a4", quant={"bn": bn})
+    qmodel.load_float_state_dict(trained.state_dict())
+    qmodel.eval(), trained.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), fxquant.disable_quant(qmodel):
+        torch.testing.assert_close(qmodel(x), trained(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(fxquant.FxQuantError, match=r"unexpected keys.*missing keys"):
+        qmodel.load_float_state_dict({"nonsense.weight": torch.zeros(1)})
+
+
 def test_bits_change_at_run_time_without_retracing():
     qmodel = fxquant.prepare_qat(resnet(), "lsq_w4a4")
     qmodel(torch.randn(2, 3, 32, 32))

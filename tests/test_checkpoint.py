@@ -47,6 +47,29 @@ def test_checkpoint_is_weights_only_and_carries_the_recipe(tmp_path):
     assert fxquant.load(path, resnet20()).recipe.quant.bn == "fold"
 
 
+def test_resuming_a_search_recipe_keeps_the_plan_and_the_learned_steps(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 1, 28, 28), torch.arange(32) % 10)
+    recipe = {"extends": "lsq_w4a4", "search": {"method": "sam", "budget": "avg3", "batches": 1}}
+    qmodel = fxquant.prepare_qat(resnet20(), recipe)
+    fxquant.fit(qmodel, data, None, {"epochs": 1, "batch_size": 16}, progress=False)
+    plan = dict(qmodel.bit_plan)
+    path = fxquant.save(qmodel, tmp_path / "searched.pt")
+    resumed = fxquant.load(path, resnet20())
+    assert resumed.bit_plan == plan
+    steps = {n: q.scale.detach().clone() for n, q in resumed.quantizers().items()}
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("a resumed run searched again")
+
+    monkeypatch.setattr(fxquant.workflow, "search_for_recipe", no_search)
+    fxquant.fit(
+        resumed, data, None, {"epochs": 1, "batch_size": 16, "lr": 1e-12, "quantizer_lr": 1e-12}, progress=False
+    )
+    for name, q in resumed.quantizers().items():  # not re-initialised from data: only a 1e-12 step moved them
+        torch.testing.assert_close(q.scale.detach(), steps[name], rtol=1e-6, atol=1e-9)
+
+
 def test_errors_are_clear(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "plain.pt")
     with pytest.raises(CheckpointError, match="not an fxquant checkpoint"):

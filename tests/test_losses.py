@@ -182,6 +182,24 @@ def test_recipes_train_and_gradients_reach_only_the_student(recipe):
     assert not qmodel.taps, "the store is cleared after the step"
 
 
+def test_a_float_teacher_given_to_the_step_records_the_students_taps():
+    """TrainStep(qmodel, optimizer, teacher=float_model) on an FPQ recipe: the plain float model has no taps, so
+    the step teaches with the student's structure and the float weights (and refuses another architecture)."""
+    torch.manual_seed(0)
+    fp = resnet20()
+    qmodel = fxquant.prepare_qat(resnet20(), "fpq_w4a4", float_model=False)
+    step = fxquant.TrainStep(qmodel, torch.optim.SGD(qmodel.parameters(), lr=0.01), teacher=fp)
+    metrics = step(torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,)))
+    assert math.isfinite(metrics["fpq.csd"])
+    fp.eval()
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(step.teacher(x), fp(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(fxquant.FxQuantError, match="compare the teacher's features layer by layer"):
+        fxquant.TrainStep(
+            qmodel, torch.optim.SGD(qmodel.parameters(), lr=0.01), teacher=fxquant.models.mobilenet_v2_small()
+        )
+
+
 @pytest.mark.parametrize("warmup", [True, False])
 def test_ema_teacher_warms_up_to_the_mean_of_the_iterates(warmup):
     """With warm-up, the EMA after t steps (t < 1/(1 − decay)) is the plain mean of the initial weights and the

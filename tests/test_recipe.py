@@ -110,6 +110,34 @@ def test_to_toml_round_trips():
     assert again.toml == recipe.toml and again.quant == recipe.quant
 
 
+def test_a_relative_plan_is_found_next_to_the_recipe_that_declares_it(tmp_path, monkeypatch):
+    """Also when a child in another folder extends it, with overrides, and after save/load elsewhere."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "plan.toml").write_text('[plan]\n"layer1.0.conv1" = { weight = 2, activation = 3 }\n')
+    write(tmp_path / "base", 'extends = "lsq_w4a4"\n[bits]\nplan = "plan.toml"\n', "parent.toml")
+    child = write(tmp_path, 'extends = "base/parent.toml"\n[quant]\nbn = "fold"\n', "child.toml")
+    monkeypatch.chdir(tmp_path / "base")  # the working directory plays no part
+    for recipe in (load_recipe(child), load_recipe(child, {"train": {"epochs": 2}})):
+        assert recipe.bit_plan == {"layer1.0.conv1": (2, 3)}
+    qmodel = fxquant.prepare_qat(fxquant.models.resnet20(), load_recipe(child, {"train": {"epochs": 2}}))
+    path = fxquant.save(qmodel, tmp_path / "elsewhere" / "ck.pt")
+    (tmp_path / "base" / "plan.toml").unlink()  # the checkpoint carries the plan itself
+    reloaded = fxquant.load(path, fxquant.models.resnet20())
+    layer = next(r for r in reloaded.report.layers if r.name == "layer1.0.conv1")
+    weight_q, act_qs = reloaded.layer_quantizers(layer)
+    assert weight_q.bits == 2 and {q.bits for q in act_qs} == {3}
+
+
+def test_sections_validate_on_construction_and_override():
+    assert load_recipe("lsq_w4a4").train.override(epochs=5).epochs == 5
+    with pytest.raises(RecipeError, match=r"epochs: must be > 0"):
+        load_recipe("lsq_w4a4").train.override(epochs=0)
+    with pytest.raises(ValueError, match="lr: must be a finite number"):
+        fxquant.config.TrainConfig(lr=float("inf"))
+    keys = dict(fxquant.config.describe(fxquant.Recipe))
+    assert "loss[kind=fpq].p" in keys and "perturbation probability" in keys["loss[kind=fpq].p"]
+
+
 def test_loading_a_recipe_never_executes_code(tmp_path):
     marker = tmp_path / "executed"
     path = write(tmp_path, f"name = \"__import__('os').mkdir('{marker}')\"\n")

@@ -102,7 +102,7 @@ def test_one_sam_step_equals_the_manual_two_pass_computation(perturb, adaptive):
     assert moved > 0
 
 
-def test_sam_differs_from_a_plain_step_and_restores_weights_and_bn():
+def test_a_sam_step_lands_elsewhere_than_a_plain_step():
     qmodel = _prepared("quantized")
     plain = fxquant.prepare_qat(Net(), "lsq_w4a4")
     plain.load_state_dict(qmodel.state_dict())
@@ -110,6 +110,35 @@ def test_sam_differs_from_a_plain_step_and_restores_weights_and_bn():
     fxquant.TrainStep(qmodel, torch.optim.SGD(qmodel.parameters(), lr=0.1))(x, y)
     fxquant.TrainStep(plain, torch.optim.SGD(plain.parameters(), lr=0.1))(x, y)
     assert not torch.allclose(qmodel.model.fc1.weight, plain.model.fc1.weight)
+
+
+class ConvBnNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("update", [False, True])
+def test_sam_second_pass_updates_bn_statistics_only_when_asked(update):
+    """With update_bn_in_second_pass = false the running statistics after a SAM step are those after the first
+    pass alone; with true they moved once more."""
+    recipe = {"extends": "lsq_w4a4", "optim": {"sam": {"rho": 0.1, "update_bn_in_second_pass": update}}}
+    qmodel = fxquant.prepare_qat(ConvBnNet(), recipe)
+    x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))
+    fxquant.calibrate(qmodel, x)
+    one_pass = copy.deepcopy(qmodel).train()
+    with torch.no_grad():
+        one_pass(x)
+    fxquant.TrainStep(qmodel, torch.optim.SGD(qmodel.parameters(), lr=0.0))(x, y)
+    same = torch.equal(qmodel.model.bn.running_mean, one_pass.model.bn.running_mean)
+    assert same is not update
+    assert int(qmodel.model.bn.num_batches_tracked) == (2 if update else 1)
 
 
 def test_bad_sam_config():

@@ -1,0 +1,91 @@
+"""What every benchmark shares: the presets and the quick setup, the cached FP checkpoints, recipe overrides
+from the command line, and the results writer (a Markdown table with its command at the top, plus JSON).
+
+Benchmarks import this module, never each other.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import fxquant
+from fxquant.data import fashion_mnist
+from fxquant.workflow import cached_float_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CACHE = Path(".fxquant_cache")
+
+PRESETS = {
+    # train images, FP epochs, QAT epochs
+    "quick": {"train_images": 20000, "fp_epochs": 3, "qat_epochs": 2},
+    "full": {"train_images": 60000, "fp_epochs": 15, "qat_epochs": 6},
+}
+
+
+def fp_checkpoint(model_name: str, preset: str, seed: int, train_data) -> tuple[torch.nn.Module, float]:
+    """The FP model of this preset and seed, trained once and cached. Returns (model, seconds spent training)."""
+    settings = PRESETS[preset]
+    key = f"{model_name}_fp_{preset}_{settings['train_images']}x{settings['fp_epochs']}_seed{seed}"
+    return cached_float_model(
+        lambda: fxquant.models.build(model_name),
+        key,
+        train_data,
+        settings["fp_epochs"],
+        seed,
+        CACHE,
+        description=f"FP32 seed {seed}",
+    )
+
+
+def quick_setup(model_name: str = "resnet20", seed: int = 0):
+    """What the method benchmarks start from: (training data, FP model, test loader, FP top-1) of the quick preset."""
+    train = fashion_mnist("train", augment="standard", limit=PRESETS["quick"]["train_images"])
+    fp, _ = fp_checkpoint(model_name, "quick", seed, train)
+    test = torch.utils.data.DataLoader(fashion_mnist("test"), batch_size=512)
+    return train, fp, test, fxquant.evaluate(fp, test)["top1"]
+
+
+def parse_sets(items: list[str]) -> dict:
+    """``["quant.activation.init=mse"]`` → ``{"quant": {"activation": {"init": "mse"}}}`` (recipe overrides)."""
+    overrides: dict = {}
+    for item in items:
+        key, _, text = item.partition("=")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        *parents, leaf = key.split(".")
+        table = overrides
+        for part in parents:
+            table = table.setdefault(part, {})
+        table[leaf] = value
+    return overrides
+
+
+def mean_std(values: list[float], digits: int = 2) -> str:
+    """ "87.10" for one value, "87.10 ± 0.32" (sample standard deviation) for several."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def command_line() -> str:
+    """How this benchmark was run, for the top of its results."""
+    return f"python {Path(sys.argv[0]).as_posix().split('/')[-2]}/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:])
+
+
+def write_results(stem: str, markdown: str, payload: dict[str, Any]) -> Path:
+    """Write ``results/<stem>.md`` and ``results/<stem>.json`` (with the command) and print the Markdown."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{stem}.md"
+    path.write_text(markdown)
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"command": command_line().strip(), **payload}, indent=1))
+    print(markdown)
+    return path
