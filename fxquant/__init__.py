@@ -10,12 +10,14 @@ Example usage::
     qmodel = fxquant.prepare_qat(model, "lsq_w4a4", example_inputs=torch.randn(1, 3, 32, 32))
     fxquant.summary(qmodel)
     fxquant.fit(qmodel, train_data, test_data)
+    fxquant.export_onnx(qmodel, "model.onnx", torch.randn(1, 3, 32, 32))
 """
 
-from fxquant import config, data, models, quant, search, train, zeroshot
+from fxquant import config, data, deploy, models, quant, search, train, zeroshot
 from fxquant.api import prepare_qat
 from fxquant.checkpoint import CheckpointError, load, save
 from fxquant.config import Recipe, builtin_names, load_recipe
+from fxquant.deploy import convert, export_onnx
 from fxquant.errors import FxQuantError, PassError, PrepareError, RecipeError, TraceError
 from fxquant.qat_model import PrepareReport, QATModel
 from fxquant.quant import FakeQuantizer, LSQQuantizer, ObserverQuantizer, QuantizerConfig, QuantSpec, make_quantizer
@@ -45,9 +47,12 @@ __all__ = [
     "builtin_names",
     "calibrate",
     "config",
+    "convert",
     "data",
+    "deploy",
     "disable_quant",
     "evaluate",
+    "export_onnx",
     "fit",
     "load",
     "load_recipe",

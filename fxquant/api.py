@@ -19,7 +19,7 @@ from fxquant.config import Recipe, load_recipe
 from fxquant.errors import PrepareError, RecipeError, TraceError
 from fxquant.passes import PREPARE_PASSES, PassContext, run_passes, trace_model
 from fxquant.passes.annotate import quantizable_nodes
-from fxquant.qat_model import GRAPH_ATTR, PrepareOptions, PrepareReport, QATModel
+from fxquant.qat_model import PrepareOptions, PrepareReport, QATModel, graft
 from fxquant.quant.controls import check_plan_layers
 from fxquant.search.cost import as_args, measure
 
@@ -35,28 +35,6 @@ def _ends(pieces: dict[str, fx.GraphModule], order: list[str]) -> dict[str, tupl
         return {p: (False, False) for p in pieces}
     last_parent = main[-1].rpartition(".")[0]
     return {p: (p == main[0], p in main and p.rpartition(".")[0] == last_parent) for p in pieces}
-
-
-def _graft(original: nn.Module, gm: fx.GraphModule) -> None:
-    """Make ``original`` run the prepared graph ``gm`` while staying an instance of its own class.
-
-    Replacing a submodule by a GraphModule would lose the methods its parent may call on it (RetinaNet
-    calls ``head.compute_loss``). Instead, every module and attribute the graph reads is registered on
-    ``original`` at the same path (quantized layers, new quantizers), and the generated forward is bound to
-    ``original``. The graph module stays reachable for inspection, outside the module tree.
-    """
-    for node in gm.graph.nodes:
-        if node.op not in ("call_module", "get_attr"):
-            continue
-        *parents, name = str(node.target).split(".")
-        owner, source = original, gm
-        for part in parents:
-            owner, source = getattr(owner, part), getattr(source, part)
-        value = getattr(source, name)
-        if getattr(owner, name, None) is not value:
-            setattr(owner, name, value)
-    original.forward = types.MethodType(type(gm).forward, original)
-    object.__setattr__(original, GRAPH_ATTR, gm)  # not a child: no duplicate state_dict keys
 
 
 def prepare_qat(
@@ -147,7 +125,7 @@ def _prepare(
 
     root = prepared.pop("", model)
     for path, gm in prepared.items():
-        _graft(model.get_submodule(path), gm)
+        graft(model.get_submodule(path), gm)
     report = PrepareReport(
         pieces=sorted(traced.pieces, key=order.index),
         opaque=traced.opaque,

@@ -8,6 +8,7 @@ training side (:class:`fxquant.TrainStep`, :func:`fxquant.fit`) builds those fro
 
 from __future__ import annotations
 
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,28 @@ from fxquant.quant.taps import TapStore
 
 # Where a grafted piece keeps its graph module (see fxquant.api): an attribute outside the module tree.
 GRAPH_ATTR = "_fxquant_graph"
+
+
+def graft(original: nn.Module, gm: fx.GraphModule) -> None:
+    """Make ``original`` run the prepared graph ``gm`` while staying an instance of its own class.
+
+    Replacing a submodule by a GraphModule would lose the methods its parent may call on it (RetinaNet
+    calls ``head.compute_loss``). Instead, every module and attribute the graph reads is registered on
+    ``original`` at the same path (quantized layers, new quantizers), and the generated forward is bound to
+    ``original``. The graph module stays reachable for inspection, outside the module tree.
+    """
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "get_attr"):
+            continue
+        *parents, name = str(node.target).split(".")
+        owner, source = original, gm
+        for part in parents:
+            owner, source = getattr(owner, part), getattr(source, part)
+        value = getattr(source, name)
+        if getattr(owner, name, None) is not value:
+            setattr(owner, name, value)
+    original.forward = types.MethodType(type(gm).forward, original)
+    object.__setattr__(original, GRAPH_ATTR, gm)  # not a child: no duplicate state_dict keys
 
 
 @dataclass

@@ -17,9 +17,9 @@ if ! "$VENV/bin/python" -c 'import torch, torchvision, sys; sys.exit(not (torch.
     # shellcheck disable=SC2086
     "$VENV/bin/pip" install -q $TORCH_PIN
 fi
-if ! "$VENV/bin/python" -c 'import fxquant, pytest, hypothesis' 2>/dev/null; then
-    echo "[setup] installing fxquant (editable) with its test extra"
-    "$VENV/bin/pip" install -q -e '.[test]'
+if ! "$VENV/bin/python" -c 'import fxquant, pytest, hypothesis, onnx, onnxscript, onnxruntime' 2>/dev/null; then
+    echo "[setup] installing fxquant (editable) with its test and export extras"
+    "$VENV/bin/pip" install -q -e '.[test,export]'
 fi
 
 # Real data: Debian's package installs the IDX files under /usr/share/datasets/fashion-mnist.

@@ -1,8 +1,8 @@
 """Hypothesis strategies shared by the whole test suite: random models and random valid recipes.
 
 A generated model is a small CNN described by a list of op codes (conv, BN, ReLU, residual add, concat,
-pooling, a conv module called twice, functional conv/linear/relu, matmul) ending in pooling, flatten and a
-linear classifier. Every description builds a model that symbolic tracing accepts and that runs on
+pooling, a conv module called twice, functional conv/linear/relu, matmul, conv-transpose, depthwise conv)
+ending in pooling, flatten and a linear classifier. Every description builds a model that symbolic tracing accepts and that runs on
 (N, 3, 8, 8) inputs.
 """
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
 
-OPS = ("conv", "bn", "relu", "residual", "cat", "pool", "shared", "fconv", "frelu", "matmul", "convt")
+OPS = ("conv", "bn", "relu", "residual", "cat", "pool", "shared", "fconv", "frelu", "matmul", "convt", "dwconv")
 INPUT_SHAPE = (2, 3, 8, 8)
 
 
@@ -59,6 +59,8 @@ class GeneratedNet(nn.Module):
                 else:
                     self.layers.append(nn.MaxPool2d(2))
                     size //= 2
+            elif op == "dwconv":
+                self.layers.append(nn.Conv2d(channels, channels, 3, padding=1, groups=channels))
             elif op == "convt":
                 self.layers.append(nn.ConvTranspose2d(channels, width, 3, padding=1))
                 channels = width
@@ -78,7 +80,7 @@ class GeneratedNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for op, index, pindex in self.plan:
-            if op in ("conv", "bn", "relu", "pool", "convt"):
+            if op in ("conv", "bn", "relu", "pool", "convt", "dwconv"):
                 x = self.layers[index](x)
             elif op == "residual":
                 x = x + self.layers[index](x)
@@ -110,12 +112,15 @@ def models(max_ops: int = 6) -> st.SearchStrategy[GeneratedNet]:
 
 
 BITS = st.sampled_from([2, 3, 4, 5, 8, 32])
+EVERY_WIDTH = st.integers(2, 8)
 
 
 @st.composite
-def quantizer_tables(draw: st.DrawFn, schemes: tuple[str, ...] = ("lsq", "lsq_plus")) -> dict:
+def quantizer_tables(
+    draw: st.DrawFn, schemes: tuple[str, ...] = ("lsq", "lsq_plus"), bits: st.SearchStrategy[int] = BITS
+) -> dict:
     return {
-        "bits": draw(BITS),
+        "bits": draw(bits),
         "scheme": draw(st.sampled_from(schemes)),
         "granularity": draw(st.sampled_from(["per_tensor", "per_channel"])),
         "symmetric": draw(st.booleans()),
@@ -123,19 +128,24 @@ def quantizer_tables(draw: st.DrawFn, schemes: tuple[str, ...] = ("lsq", "lsq_pl
 
 
 @st.composite
-def recipes(draw: st.DrawFn, bn: tuple[str, ...] = ("keep", "fold"), with_rules: bool = True) -> dict:
+def recipes(
+    draw: st.DrawFn,
+    bn: tuple[str, ...] = ("keep", "fold"),
+    with_rules: bool = True,
+    bits: st.SearchStrategy[int] = BITS,
+) -> dict:
     """A random valid recipe as a dict (rules only match types every generated model has)."""
-    weight = draw(quantizer_tables())
-    activation = draw(quantizer_tables())
+    weight = draw(quantizer_tables(bits=bits))
+    activation = draw(quantizer_tables(bits=bits))
     activation["granularity"] = "per_tensor"
     quant: dict = {"weight": weight, "activation": activation, "bn": draw(st.sampled_from(bn))}
     if draw(st.booleans()):
         quant["first_layer"] = {"weight_bits": 8, "activation_bits": 8}
     if draw(st.booleans()):
-        quant["last_layer"] = {"weight_bits": draw(BITS), "activation_bits": 8}
+        quant["last_layer"] = {"weight_bits": draw(bits), "activation_bits": 8}
     if with_rules and draw(st.booleans()):
         # Every generated model ends in a linear layer (module or functional), so this rule always matches.
-        quant["rule"] = [{"match": {"type": ["Linear", "linear"]}, "weight": {"bits": draw(BITS)}}]
+        quant["rule"] = [{"match": {"type": ["Linear", "linear"]}, "weight": {"bits": draw(bits)}}]
     return {"name": "generated", "quant": quant}
 
 

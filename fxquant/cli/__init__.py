@@ -10,11 +10,11 @@ import sys
 
 from fxquant.errors import FxQuantError
 
-from . import demo, recipes, search, summary, train, zeroshot
+from . import demo, export, recipes, search, summary, train, zeroshot
 
 EXIT_USAGE = 2
 # Each module adds its own sub-command(s); the order is the order of `fxquant --help`.
-COMMANDS = (demo, summary, train, search, zeroshot, recipes)
+COMMANDS = (demo, summary, train, search, zeroshot, export, recipes)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -115,13 +115,21 @@ class ConvBn(QuantizedLayer, nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quantizer(self.folded_weight())
 
+    def folded_bias(self) -> torch.Tensor:
+        """β + (b − μ)·γ/σ: the bias of the folded conv (what deployment uses)."""
+        scale = self._bn_scale()
+        beta = self.bn.bias if self.bn.affine else torch.zeros_like(scale)
+        bias = self.conv.bias if self.conv.bias is not None else torch.zeros_like(scale)
+        return beta + (bias - self.bn.running_mean) * scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:  # exactly the deployed conv: folded, quantized weight and folded bias
+            return self.conv._conv_forward(x, self.quantized_weight(), self.folded_bias())
         scale = self._bn_scale()
         y = self.conv._conv_forward(x, self.quantized_weight(), None)
         shape = (1, -1) + (1,) * (y.dim() - 2)
-        # Undo the fold so that batch norm sees the unfolded conv output: in training it normalises with
-        # batch statistics (and updates the running ones); in eval the whole expression equals the folded
-        # conv with bias β + (b − μ)·γ/σ, which is what convert() deploys.
+        # Undo the fold so that batch norm sees the unfolded conv output and normalises with batch statistics
+        # (and updates the running ones); in eval the folded form above is used.
         y = y / scale.reshape(shape)
         if self.conv.bias is not None:
             y = y + self.conv.bias.reshape(shape)

@@ -1,0 +1,101 @@
+"""How close an exported ONNX file runs to the converted PyTorch model, in onnxruntime.
+
+Exact parity is impossible: onnxruntime's QuantizeLinear divides by the scale where fxquant multiplies by its
+reciprocal (a value on a rounding boundary can land one level apart), and at ``ORT_ENABLE_ALL`` QDQ groups are
+fused into integer kernels (QLinearConv, QLinearMatMul) that requantize with their own rounding. So the gap is
+stated in *output steps*: one output step is the change of the last quantized layer's output when one of its
+input elements moves by one activation level, ``s_in · max|W|``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from fxquant.errors import FxQuantError
+
+from .frozen import FrozenQuantizer, IntegerLayer
+
+try:  # the ``export`` extra
+    import onnxruntime
+except ImportError:  # pragma: no cover - depends on the environment
+    onnxruntime = None
+
+LEVELS = ("disable_all", "enable_all")
+
+
+@dataclass(frozen=True)
+class Parity:
+    """PyTorch vs onnxruntime on the same inputs, at one graph optimisation level."""
+
+    level: str
+    max_abs: float
+    output_steps: float  # max_abs in output steps (see the module docstring); nan when the model has no step
+    top1_agreement: float  # fraction of samples whose argmax agrees (classification outputs)
+
+
+def output_step(deployed: nn.Module) -> float:
+    """``s_in · max|W|`` of the last quantized layer of a converted model (nan when it cannot be found)."""
+    if not isinstance(deployed, fx.GraphModule):
+        return float("nan")
+    for node in reversed(list(deployed.graph.nodes)):
+        if node.op != "call_module" or not isinstance(deployed.get_submodule(node.target), IntegerLayer):
+            continue
+        source = node.args[0]
+        if isinstance(source, fx.Node) and source.op == "call_module":
+            quantizer = deployed.get_submodule(source.target)
+            if isinstance(quantizer, FrozenQuantizer):
+                weight = deployed.get_submodule(node.target).weight()
+                return float(quantizer.scale.max()) * float(weight.abs().max())
+        break
+    return float("nan")
+
+
+def session(path: str | Path, level: str = "enable_all", threads: int = 0) -> Any:
+    """An onnxruntime CPU session at ``level`` (``disable_all`` or ``enable_all``)."""
+    if onnxruntime is None:
+        raise FxQuantError("checking in onnxruntime needs it: pip install 'fxquant[export]'")
+    if level not in LEVELS:
+        raise FxQuantError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = (
+        onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if level == "disable_all"
+        else onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    )
+    if threads:
+        options.intra_op_num_threads = threads
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run(sess: Any, inputs: tuple[torch.Tensor, ...]) -> np.ndarray:
+    """The first output of ``sess`` on ``inputs``."""
+    feed = {i.name: t.detach().numpy() for i, t in zip(sess.get_inputs(), inputs)}
+    return sess.run(None, feed)[0]
+
+
+def compare(path: str | Path, deployed: nn.Module, inputs: Any, levels: tuple[str, ...] = LEVELS) -> list[Parity]:
+    """Run the file and ``deployed`` (a converted model) on ``inputs``; one :class:`Parity` per level.
+
+    Example usage::
+
+        for p in compare("w4a4.onnx", fxquant.convert(qmodel), torch.randn(32, 1, 28, 28)):
+            print(p.level, p.output_steps, p.top1_agreement)
+    """
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    with torch.no_grad():
+        reference = deployed.eval()(*inputs)
+    reference = reference.numpy() if isinstance(reference, torch.Tensor) else np.asarray(reference[0])
+    step = output_step(deployed)
+    results = []
+    for level in levels:
+        out = run(session(path, level), inputs)
+        gap = float(np.abs(out - reference).max())
+        agree = float((out.argmax(-1) == reference.argmax(-1)).mean()) if out.ndim >= 2 else float("nan")
+        results.append(Parity(level, gap, gap / step if step == step and step > 0 else float("nan"), agree))
+    return results
