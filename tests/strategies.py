@@ -2,8 +2,8 @@
 
 A generated model is a small CNN described by a list of op codes (conv, BN, ReLU, residual add, concat,
 pooling, a conv module called twice, functional conv/linear/relu, matmul, conv-transpose, depthwise conv)
-ending in pooling, flatten and a linear classifier. Every description builds a model that symbolic tracing accepts and that runs on
-(N, 3, 8, 8) inputs.
+ending in pooling, flatten and a linear classifier. Every description builds a model that symbolic tracing
+accepts and that runs on (N, 3, 8, 8) inputs.
 """
 
 from __future__ import annotations
