@@ -1,0 +1,82 @@
+"""Slow: a trained resnet20 exported at W4A4 and W2A2 keeps its accuracy on the 10,000 Fashion-MNIST test images in
+onnxruntime, and torchvision's classifiers export and run close to PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+import fxquant
+from fxquant.data import fashion_mnist
+from fxquant.deploy import compare, convert, export_onnx
+from fxquant.deploy.parity import run, session
+from fxquant.workflow import cached_float_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def float_resnet20(tmp_path_factory):
+    train = fashion_mnist("train", augment="standard", limit=10000)
+    model, _ = cached_float_model(
+        fxquant.models.resnet20, "resnet20_fp_10000x2_seed0", train, 2, 0, tmp_path_factory.mktemp("cache")
+    )
+    return model, train
+
+
+@pytest.mark.parametrize("recipe", ["lsq_w4a4", "lsq_w2a2"])
+def test_a_trained_model_keeps_its_accuracy_in_onnxruntime(float_resnet20, recipe, tmp_path):
+    model, train = float_resnet20
+    torch.manual_seed(0)
+    qmodel = fxquant.prepare_qat(model, recipe)
+    fxquant.fit(qmodel, train, None, qmodel.recipe.train.override(epochs=1), progress=False)
+    test = fashion_mnist("test")
+    x = torch.stack([test[i][0] for i in range(len(test))])
+    y = torch.stack([test[i][1] for i in range(len(test))]).numpy()
+    deployed = convert(qmodel)
+    with torch.no_grad():
+        reference = torch.cat([deployed(chunk) for chunk in x.split(1000)]).numpy()
+    report = export_onnx(qmodel, tmp_path / f"{recipe}.onnx", x[:1])
+    torch_top1 = (reference.argmax(1) == y).mean()
+    for level in ("disable_all", "enable_all"):
+        sess = session(report.path, level)
+        out = np.concatenate([run(sess, (chunk,)) for chunk in x.split(1000)])
+        agreement = (out.argmax(1) == reference.argmax(1)).mean()
+        assert agreement >= 0.999, (level, agreement)
+        assert abs((out.argmax(1) == y).mean() - torch_top1) <= 0.001, level
+
+
+FAMILIES = [
+    "alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s", "googlenet", "inception_v3",
+    "mnasnet0_5", "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf", "regnet_y_400mf", "resnet18",
+    "resnext50_32x4d", "shufflenet_v2_x0_5", "squeezenet1_1", "vgg11_bn", "wide_resnet50_2",
+]  # fmt: skip
+
+
+def _input_size(name: str) -> int:
+    return 299 if name.startswith("inception") else 64
+
+
+EIGHT_BIT = {"resnet18", "mobilenet_v2", "efficientnet_b0", "googlenet", "densenet121", "shufflenet_v2_x0_5"}
+
+
+@pytest.mark.parametrize(("name", "bits"), [(n, 4) for n in FAMILIES] + [(n, 8) for n in FAMILIES if n in EIGHT_BIT])
+def test_torchvision_classifiers_export_and_agree(name, bits, tmp_path):
+    """One model of each torchvision CNN family at W4A4, six of them at W8A8 too (about 20 min on 2 cores);
+    ``benchmarks/export.py --zoo`` runs every classification model at both widths."""
+    kwargs = {"weights": None}
+    if name.startswith(("inception", "googlenet")):
+        kwargs["init_weights"] = False
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, **kwargs).eval()
+    recipe = {"extends": "lsq_w8a8", "quant": {"weight": {"bits": bits}, "activation": {"bits": bits}}}
+    qmodel = fxquant.prepare_qat(model, recipe)
+    size = _input_size(name)
+    x = torch.randn(4, 3, size, size)
+    fxquant.calibrate(qmodel, x)
+    qmodel.eval()
+    report = export_onnx(qmodel, tmp_path / f"{name}.onnx", x[:1])
+    (parity,) = compare(report.path, convert(qmodel), x, levels=("disable_all",))
+    assert parity.output_steps <= 64, parity
