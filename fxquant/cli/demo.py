@@ -1,9 +1,11 @@
-"""``fxquant demo``: FP resnet20 on Fashion-MNIST (trained once, cached), then QAT at each recipe from it."""
+"""``fxquant demo``: FP resnet20 on Fashion-MNIST (trained once, cached), then QAT at each recipe from it; the
+first recipe's model is exported to ONNX and evaluated in onnxruntime."""
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -11,7 +13,9 @@ from rich.table import Table
 
 from fxquant.api import prepare_qat
 from fxquant.data import fashion_mnist
+from fxquant.deploy import export_onnx, parity
 from fxquant.models import resnet20
+from fxquant.qat_model import QATModel
 from fxquant.summary import collect
 from fxquant.train.loop import evaluate
 from fxquant.workflow import cached_float_model, fit
@@ -43,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     fp = evaluate(model, test_loader)
     _, fp_totals = collect(prepare_qat(model, "lsq_w8a8", example))
     rows = [("FP32", fp["top1"], fp_totals["bops_fp32"], fp_totals["size_fp32_bytes"], fp_seconds)]
+    shipped = None
     for recipe in args.recipes.split(","):
         qmodel = prepare_qat(model, recipe, example)
         start = time.perf_counter()
@@ -51,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate(qmodel, test_loader)
         _, totals = collect(qmodel)
         rows.append((recipe, result["top1"], totals["bops"], totals["size_bytes"], seconds))
+        if shipped is None:  # the first recipe is the one shipped (lsq_w4a4 by default)
+            shipped = (recipe, qmodel, result["top1"])
     table = Table(title="fxquant demo · resnet20 · Fashion-MNIST test set (10,000 images)")
     for column in ("model", "top-1 %", "Δ vs FP", "BOPs / image", "size", "train time"):
         table.add_column(column, justify="right")
@@ -64,4 +71,22 @@ def run(args: argparse.Namespace) -> int:
             f"{seconds:.0f} s" if seconds else "cached",
         )
     console.print(table)
+    if shipped is not None:
+        _ship(console, *shipped, Path(args.cache) / f"demo_{shipped[0]}.onnx", example)
     return 0
+
+
+def _ship(
+    console: Console, recipe: str, qmodel: QATModel, torch_top1: float, path: Path, example: torch.Tensor
+) -> None:
+    """Export the model to ONNX and measure its accuracy in onnxruntime on the same 10,000 test images."""
+    report = export_onnx(qmodel, path, example)
+    test = fashion_mnist("test")
+    sess = parity.session(report.path, "enable_all")
+    correct = 0
+    for x, y in torch.utils.data.DataLoader(test, batch_size=1000):
+        correct += int((torch.from_numpy(parity.run(sess, (x,))).argmax(1) == y).sum())
+    console.print(
+        f"shipped {recipe} as {report.path} ({report.bytes / 1e3:.0f} kB, QDQ opset {report.opset}): "
+        f"onnxruntime top-1 {100 * correct / len(test):.2f}% · PyTorch top-1 {torch_top1:.2f}%"
+    )
