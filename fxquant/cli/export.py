@@ -26,6 +26,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--format", choices=("qdq", "qcdq"), default="qdq")
     export.add_argument("--opset", type=int, help="default 21 for qdq, 13 for qcdq")
     export.add_argument("--input", default="1,1,28,28", help="example input shape")
+    export.add_argument(
+        "--fold-bn",
+        action="store_true",
+        help="fold BN into weight scales: integer kernels in onnxruntime, but an int32 bias rounding never trained for",
+    )
     export.set_defaults(func=run)
 
 
@@ -50,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     qmodel = load(args.checkpoint, model_from_spec(args.model))
     example = torch.randn(*shape)
     opset = args.opset or (21 if args.format == "qdq" else 13)
-    report = export_onnx(qmodel, args.out, example, format=args.format, opset=opset)
+    report = export_onnx(qmodel, args.out, example, format=args.format, opset=opset, fold_batch_norm=args.fold_bn)
     fp_bytes, fp_gzip = float_onnx_size(model_from_spec(args.model), example)
     table = Table(title=f"fxquant export · {args.out}")
     table.add_column("")

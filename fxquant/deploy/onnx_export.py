@@ -13,7 +13,7 @@ here into standard ONNX with typed integer initializers:
   DequantizeLinear. ``qcdq``: int8/uint8 containers and an integer ``Clip`` between Q and DQ (opset 13 runtimes).
 * a BatchNormalization right after a quantized Conv whose weight is per-channel symmetric is folded into that
   weight's scales and a bias: the integer weights stay as they are (exact in real arithmetic), and onnxruntime
-  can fuse DQ → Conv → Q into an integer convolution (``fold_batch_norm=False`` keeps it, see export_onnx).
+  can fuse DQ → Conv → Q into an integer convolution — when asked (``fold_batch_norm=True``, see export_onnx).
 
 Node metadata is stripped, ``onnx.checker`` (full check) must pass, and ``<path>.encodings.json`` lists every
 quantized tensor's bits, scale, zero point and axis. ``onnx``, ``onnxscript`` and ``onnxruntime`` are the
@@ -103,16 +103,17 @@ def export_onnx(
     format: str = "qdq",
     opset: int = 21,
     dynamic_batch: bool = True,
-    fold_batch_norm: bool = True,
+    fold_batch_norm: bool = False,
 ) -> ExportReport:
     """Convert ``qmodel`` and write it to ``path`` as QDQ ONNX (see the module docstring), plus
     ``<path>.encodings.json``. ``example_inputs`` is one tensor or a tuple of forward's positional arguments.
 
-    ``fold_batch_norm`` (default on) folds a BatchNormalization that follows a quantized Conv into its weight
-    scales and a bias, so that onnxruntime can run the Conv as an integer kernel. That kernel needs its bias as
-    int32 at scale s_x·s_w, which onnxruntime (ORT_ENABLE_BASIC and above) rounds to: a deployment-time rounding
-    the trained model did not see. Off, the BN stays a float node and onnxruntime computes what PyTorch computes
-    at every optimisation level, without integer kernels for those convolutions.
+    ``fold_batch_norm`` folds a BatchNormalization that follows a quantized Conv into its weight scales and a
+    bias, so that onnxruntime can run DQ → Conv → Q as one integer kernel. That kernel needs its bias as int32 at
+    scale s_x·s_w, which onnxruntime rounds it to (ORT_ENABLE_BASIC and above): a rounding the trained model never
+    saw — a W4A4 resnet20 then agrees with PyTorch on 97.4% of the test images instead of ≥ 99.9%. So it is off by
+    default: the BN stays a float node and onnxruntime computes what PyTorch computes at every optimisation level.
+    (Simulating the int32 bias during QAT would make folding exact; fxquant does not do that yet.)
 
     Example usage::
 
