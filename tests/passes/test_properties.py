@@ -1,4 +1,6 @@
-"""DESIGN.md invariants 1, 3, 4, 5 and 8, over generated models and recipes."""
+"""The prepare invariants over generated models and recipes: quantizers off computes the original (1), one weight
+quantizer per layer and no tensor quantized twice (3), passes idempotent and lint-clean (4), values on the grid (5),
+state_dict round trip (8)."""
 
 import copy
 

@@ -1,4 +1,5 @@
-"""Taps and FPQ perturbation nodes over generated models (DESIGN.md invariant 2, idempotence, counts)."""
+"""Taps and FPQ perturbation nodes over generated models: they never change outputs (invariant 2), are idempotent,
+and match what their selectors name."""
 
 import torch
 from fxquant.passes import (

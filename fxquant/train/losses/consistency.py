@@ -1,5 +1,5 @@
 """CR — consistency regularization for QAT (Pang et al.): the quantized student on one augmented view should
-agree with a teacher on another view. Our reading (the paper leaves these open; see METHODS.md): the teacher
+agree with a teacher on another view. Our reading (the paper leaves these open, so each is an option): the teacher
 is an EMA of the student (decay 0.999; a mean teacher) or the FP model; agreement is KL on temperature-
 softened logits, optionally plus MSE on a tapped feature; the weight ramps up with a sigmoid.
 

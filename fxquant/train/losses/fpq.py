@@ -4,8 +4,8 @@ each quantized conv's output z, student and FP teacher, standardized per channel
 z̃ = (z − μ_c)/sqrt(σ_c² + ε), and L_CSD = Σ_layers ‖z̃_teacher − z̃_student‖².
 
 Reduction per layer (``normalize``): ``mean`` over elements (our default: the term's scale no longer grows
-with resolution and width, so one weight fits resnet20 and MobileNet alike), ``batch`` (÷ N, METHODS.md's
-reading) or ``sum`` (the paper's plain sum).
+with resolution and width, so one weight fits resnet20 and MobileNet alike), ``batch`` (÷ N, a
+per-sample reading) or ``sum`` (the paper's plain sum).
 """
 
 from __future__ import annotations
