@@ -11,8 +11,8 @@
   an ablation; generator and student alternate, after a warm-up in which only the generator trains.
 
 Our reading where LRQ's text is silent (each an option of ``[zeroshot]``): AMA replaces the generator's plain
-cross-entropy when on (margin m = 0.3, scale s = 16); the student's BN layers keep the FP running statistics (they are not
-re-estimated on synthetic images) while their affine parameters train; the student uses SGD (momentum 0.9)
+cross-entropy when on (margin m = 0.3, scale s = 16); the student's BN layers keep the FP running statistics
+(they are not re-estimated on synthetic images) while their affine parameters train; the student uses SGD (momentum 0.9)
 at 1e-4 as GDFQ does — with Adam at 1e-3 the synthetic-data updates made a W4A4 resnet20 worse than no
 training at all (79.4% vs 84.8%, benchmarks/results/zeroshot.md history).
 
