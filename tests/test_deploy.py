@@ -172,3 +172,40 @@ def test_cli_export_prints_the_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "FP32 ONNX" in out and "4 bits: 20" in out and "enable_all" in out
     assert (tmp_path / "m.onnx.encodings.json").is_file()
+
+
+class ViTBlock(torch.nn.Module):
+    """A pre-norm transformer block written with linears and matmuls (what fxquant traces inside ViTs)."""
+
+    def __init__(self, dim: int = 16, heads: int = 2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.heads = heads
+        self.embed = torch.nn.Conv2d(1, dim, 7, stride=7)
+        self.norm1, self.norm2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+        self.qkv, self.proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 2 * dim), torch.nn.GELU(), torch.nn.Linear(2 * dim, dim))
+        self.head = torch.nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)  # (N, 16 tokens, dim)
+        n, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = torch.matmul(q, k.transpose(-2, -1)).mul(0.5).softmax(-1)
+        x = x + self.proj(torch.matmul(attn, v).transpose(1, 2).reshape(n, t, d))
+        x = x + self.mlp(self.norm2(x))
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("build", [fxquant.models.mobilenet_v2_small, ViTBlock])
+@pytest.mark.parametrize("recipe", ["lsq_w4a4", "lsq_w2a2"])
+def test_mobilenet_and_a_vit_block_convert_exactly_and_export(build, recipe, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(8, 1, 28, 28)
+    qmodel = _trained(build(), recipe, x)
+    deployed = convert(qmodel)
+    with torch.no_grad():
+        assert torch.equal(deployed(x), qmodel(x))
+    report = export_onnx(qmodel, tmp_path / "m.onnx", x[:1])
+    (parity,) = compare(report.path, deployed, x, levels=("disable_all",))
+    assert parity.output_steps <= 64, parity
