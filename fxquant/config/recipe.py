@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from fxquant.errors import RecipeError, closest
-from fxquant.quant.taps import parse_selector
 
 from .bit_plan import BitPlan, load_plan
 from .fields import Section, Where, parse, setting
@@ -35,16 +34,9 @@ from .sections import (
     SearchConfig,
     TrainConfig,
     ZeroShotConfig,
+    selector_problem,
 )
 from .toml_text import dumps_toml
-
-
-def _selector_problem(value: str) -> str | None:
-    try:
-        parse_selector(value)
-    except ValueError as err:
-        return str(err)
-    return None
 
 
 @dataclass(frozen=True)
@@ -78,7 +70,7 @@ class Recipe(Section):
     quant: QuantSection = setting(QuantSection())
     train: TrainConfig = setting(TrainConfig())
     taps: dict[str, str] = setting(
-        factory=lambda: types.MappingProxyType({}), check=_selector_problem, doc="tap name = selector"
+        factory=lambda: types.MappingProxyType({}), check=selector_problem, doc="tap name = selector"
     )
     loss: tuple[LossConfig, ...] = setting((), variants=LOSS_KINDS, doc="auxiliary losses, by kind")
     data: DataSection = setting(DataSection())
@@ -271,7 +263,7 @@ def feature_plan(recipe: Recipe) -> FeaturePlan:
         for name, selector in loss.taps().items():
             if name in taps:
                 continue
-            if _selector_problem(selector):
+            if selector_problem(selector):
                 raise RecipeError(
                     recipe.source,
                     f"loss[{i}].tap",

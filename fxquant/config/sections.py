@@ -24,7 +24,8 @@ def _bits(value: Any) -> str | None:
     return bits_problem(value)
 
 
-def _selector(value: str) -> str | None:
+def selector_problem(value: str) -> str | None:
+    """Why ``value`` is not a tap selector, or None."""
     try:
         parse_selector(value)
     except ValueError as err:
