@@ -207,7 +207,7 @@ class CoresetSelector:
     def refresh(self, model: nn.Module, fp_model: nn.Module | None, dataset: Dataset, epoch: int) -> Refresh:
         fp = fp_model if self.config.needs_fp else None
         if self.config.needs_fp and fp is None:
-            raise ValueError("the coreset's disagreement score needs the FP model (qmodel.teacher)")
+            raise ValueError("the coreset's disagreement score needs the FP model (qmodel.float_model)")
         scores = score_samples(model, fp, plain_view(dataset))
         if "evs" not in self.config.scores:
             beta = 0.0

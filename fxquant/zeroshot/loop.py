@@ -69,7 +69,7 @@ def train(
     image_shape: tuple[int, int, int] | None = None,
     progress: bool = True,
 ) -> ZeroShotResult:
-    """Zero-shot QAT of ``qmodel`` from its FP ``teacher`` (default ``qmodel.teacher``) with the recipe's
+    """Zero-shot QAT of ``qmodel`` from its FP ``teacher`` (default ``qmodel.float_model``) with the recipe's
     ``[zeroshot]`` table (``config`` overrides it). ``image_shape`` defaults to the first conv's input
     channels at 28×28. Returns the trained generator and per-iteration metrics.
 
