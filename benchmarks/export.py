@@ -124,8 +124,9 @@ def main_models(args: argparse.Namespace) -> None:
             for r in rows
         ],
         headers=[
-            "model", "width", "FP32 ONNX", "QDQ", "QDQ / FP32", "gzip QDQ / FP32", "ms batch 1: QDQ / BN folded / FP32 (× FP32)",
-            "ms batch 32: QDQ / BN folded / FP32 (× FP32)", "parity, output steps (disable / enable all)", "top-1 agree % (32 random)",
+            "model", "width", "FP32 ONNX", "QDQ", "QDQ / FP32", "gzip QDQ / FP32",
+            "ms batch 1: QDQ / BN folded / FP32 (× FP32)", "ms batch 32: QDQ / BN folded / FP32 (× FP32)",
+            "parity, output steps (disable / enable all)", "top-1 agree % (32 random)",
         ],
         tablefmt="github",
     )  # fmt: skip
