@@ -209,3 +209,22 @@ def test_mobilenet_and_a_vit_block_convert_exactly_and_export(build, recipe, tmp
     report = export_onnx(qmodel, tmp_path / "m.onnx", x[:1])
     (parity,) = compare(report.path, deployed, x, levels=("disable_all",))
     assert parity.output_steps <= 64, parity
+
+
+def test_relu6_before_a_4_bit_quantizer_runs_in_onnxruntime_at_every_level(tmp_path):
+    """onnxruntime's Clip–QuantizeLinear fusion fails on a 4-bit zero point; the export writes ReLU6 as Min/Max."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3),
+        torch.nn.ReLU6(),
+        torch.nn.Conv2d(4, 4, 3),
+        torch.nn.Flatten(),
+        torch.nn.LazyLinear(10),
+    )
+    x = torch.randn(8, 1, 12, 12)
+    model(x)
+    qmodel = _trained(model, "lsq_w4a4", x)
+    report = export_onnx(qmodel, tmp_path / "relu6.onnx", x[:1])
+    assert "Clip" not in {n.op_type for n in onnx.load(str(report.path)).graph.node}
+    for parity in compare(report.path, convert(qmodel), x):
+        assert parity.output_steps <= 64, parity

@@ -131,6 +131,7 @@ def export_onnx(
     report = ExportReport(Path(path), Path(f"{path}.encodings.json"), opset, format, 0)
     encodings = _to_standard(model, format, opset, report)
     report.folded_batch_norms = _fold_batch_norms(model) if fold_batch_norm else 0
+    _unfuse_clip_before_4bit_quantize(model)
     if opset < model.opset_import[0].version:  # the exporter writes opset 18 at least
         _lower_opset(model, opset)
     _strip(model)
@@ -329,6 +330,39 @@ def _activation(b: _Builder, node: Any, a: dict, format: str, opset: int) -> tup
         nodes.append(b.onnx.helper.make_node("Clip", [out, low, high], list(node.output), name=b.name(f"{tag}_Clip")))
     entry = {"bits": bits, "signed": signed, "axis": None, "scale": scale.tolist(), "zero_point": zero.tolist()}
     return nodes, entry
+
+
+def _unfuse_clip_before_4bit_quantize(model: Any) -> None:
+    """Rewrite a ``Clip`` (ReLU6, hardtanh) that feeds a QuantizeLinear with a 4-bit zero point as Min then Max.
+
+    Works around an onnxruntime fault: its Clip–QuantizeLinear fusion (ORT_ENABLE_ALL) reads the zero point as
+    8-bit and fails to create the session on INT4/UINT4 ("Unexpected data type for QuantizeLinear input
+    y_zero_point"). Min/Max compute the same values and are not fused."""
+    four_bit = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    rewritten = []
+    clips = {
+        id(producers[q.input[0]])
+        for q in model.graph.node
+        if q.op_type == "QuantizeLinear" and len(q.input) > 2 and types.get(q.input[2]) in four_bit
+        and q.input[0] in producers and producers[q.input[0]].op_type == "Clip"
+    }  # fmt: skip
+    b = _Builder(model)
+    for node in model.graph.node:
+        if id(node) not in clips:
+            rewritten.append(node)
+            continue
+        x, low, high = [*node.input, "", ""][:3]
+        if high:
+            minimum, x = b.node("Min", [x, high], f"{node.output[0]}_min")
+            rewritten.append(minimum)
+        if low:
+            rewritten.append(onnx.helper.make_node("Max", [x, low], list(node.output), name=b.name(f"{node.name}_max")))
+        else:
+            rewritten.append(onnx.helper.make_node("Identity", [x], list(node.output), name=b.name(node.name)))
+    del model.graph.node[:]
+    model.graph.node.extend(rewritten)
 
 
 def _drop_unused_initializers(model: Any) -> None:
