@@ -48,10 +48,12 @@ def test_a_trained_model_keeps_its_accuracy_in_onnxruntime(float_resnet20, recip
         assert abs((out.argmax(1) == y).mean() - torch_top1) <= 0.001, level
 
 
+# One model per CNN family, the families' giants left to the benchmark (vgg, wide_resnet, alexnet: 60–130 M
+# parameters each, minutes per export on 2 cores, and CI has 90 minutes for everything).
 FAMILIES = [
-    "alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s", "googlenet", "inception_v3",
+    "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s", "googlenet", "inception_v3",
     "mnasnet0_5", "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf", "regnet_y_400mf", "resnet18",
-    "resnext50_32x4d", "shufflenet_v2_x0_5", "squeezenet1_1", "vgg11_bn", "wide_resnet50_2",
+    "resnext50_32x4d", "shufflenet_v2_x0_5", "squeezenet1_1",
 ]  # fmt: skip
 
 
@@ -59,12 +61,12 @@ def _input_size(name: str) -> int:
     return 299 if name.startswith("inception") else 64
 
 
-EIGHT_BIT = {"resnet18", "mobilenet_v2", "efficientnet_b0", "googlenet", "densenet121", "shufflenet_v2_x0_5"}
+EIGHT_BIT = {"resnet18", "mobilenet_v2", "shufflenet_v2_x0_5"}
 
 
 @pytest.mark.parametrize(("name", "bits"), [(n, 4) for n in FAMILIES] + [(n, 8) for n in FAMILIES if n in EIGHT_BIT])
 def test_torchvision_classifiers_export_and_agree(name, bits, tmp_path):
-    """One model of each torchvision CNN family at W4A4, six of them at W8A8 too (about 20 min on 2 cores);
+    """One model of each torchvision CNN family at W4A4, three of them at W8A8 too (about 12 min on 2 cores);
     ``benchmarks/export.py --zoo`` runs every classification model at both widths."""
     kwargs = {"weights": None}
     if name.startswith(("inception", "googlenet")):
