@@ -14,7 +14,6 @@ machine to itself. Writes benchmarks/results/export.md (and export_zoo.md).
 from __future__ import annotations
 
 import argparse
-import gzip
 import statistics
 import tempfile
 import time
@@ -27,6 +26,7 @@ from common import command_line, write_results
 from tabulate import tabulate
 
 import fxquant
+from fxquant.cli.export import gzip_size
 from fxquant.deploy import compare, convert, export_onnx
 from fxquant.deploy.onnx_export import capture
 from fxquant.deploy.parity import run, session
@@ -56,10 +56,6 @@ def _latency(path: Path, x: torch.Tensor, repeats: int, threads: int) -> float:
     return statistics.median(times)
 
 
-def _gzip(path: Path) -> int:
-    return len(gzip.compress(path.read_bytes(), compresslevel=9))
-
-
 def bench(name: str, width: str, folder: Path, repeats: int, threads: int) -> dict:
     build, shape = MODELS[name]
     torch.manual_seed(0)
@@ -78,8 +74,8 @@ def bench(name: str, width: str, folder: Path, repeats: int, threads: int) -> di
         "width": width,
         "fp32_bytes": fp_path.stat().st_size,
         "qdq_bytes": report.bytes,
-        "fp32_gzip": _gzip(fp_path),
-        "qdq_gzip": _gzip(report.path),
+        "fp32_gzip": gzip_size(fp_path),
+        "qdq_gzip": gzip_size(report.path),
         "folded_bn": folded.folded_batch_norms,
         "steps_disable_all": parity["disable_all"].output_steps,
         "steps_enable_all": parity["enable_all"].output_steps,

@@ -100,11 +100,7 @@ class Section:
 
             recipe.train.override(epochs=1, lr=0.05)
         """
-        return parse(type(self), changes, Where("<override>", _section_name(type(self))), base=self)
-
-
-def _section_name(cls: type) -> str:
-    return cls.__name__
+        return parse(type(self), changes, Where("<override>", type(self).__name__), base=self)
 
 
 # -- checks shared by sections --------------------------------------------------------------------------------

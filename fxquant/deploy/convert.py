@@ -81,10 +81,7 @@ def _freeze_graph(gm: fx.GraphModule, piece: str) -> None:
             source = node.args[0]
             if not (isinstance(source, fx.Node) and source.op == "get_attr"):
                 raise FxQuantError(f"{name}: a weight quantizer whose input is not a stored weight")
-            weight = gm.get_submodule("").get_parameter(source.target) if _is_parameter(gm, source.target) else None
-            if weight is None:
-                weight = _attr(gm, str(source.target))
-            gm.add_submodule(str(node.target), IntegerWeight(weight, module, name))
+            gm.add_submodule(str(node.target), IntegerWeight(_attr(gm, str(source.target)), module, name))
             node.args = ()
             if not source.users:
                 graph.erase_node(source)
@@ -98,14 +95,6 @@ def _freeze_graph(gm: fx.GraphModule, piece: str) -> None:
     gm.delete_all_unused_submodules()
     _delete_unused_attributes(gm)
     gm.recompile()
-
-
-def _is_parameter(gm: fx.GraphModule, target: str) -> bool:
-    try:
-        gm.get_parameter(target)
-    except AttributeError:
-        return False
-    return True
 
 
 def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
@@ -125,7 +114,7 @@ def _delete_unused_attributes(gm: fx.GraphModule) -> None:
         if (
             name not in used
             and not isinstance(owner, (IntegerLayer, IntegerWeight))
-            and _called_by_graph(gm, owner_path) is False
+            and not _called_by_graph(gm, owner_path)
         ):
             delattr(owner, attr)
 

@@ -123,7 +123,7 @@ def export_onnx(
     require_onnx()
     if format not in FORMATS:
         raise FxQuantError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
-    if (format == "qdq" and opset < 13) or (format == "qcdq" and opset < 13):
+    if opset < 13:
         raise FxQuantError(f"opset {opset} has no per-channel DequantizeLinear; use opset 13 or later")
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     deployed = convert(qmodel)
