@@ -1,0 +1,234 @@
+"""The methods table: every research method against LSQ, over QAT seeds, at one budget, with a verdict.
+
+resnet20 on Fashion-MNIST; every QAT run fine-tunes the same FP checkpoint (quick preset, seed 0) for the same
+number of epochs over the same images. A row is a recipe (a built-in name or a table extending one), so rows
+differ only by what their recipe declares.
+
+Runs are slow (minutes each), so this benchmark keeps a ledger: ``results/methods.json`` holds every finished
+run, each with the hash of its fully resolved recipe and the commit it ran at. A call runs only the runs the
+ledger lacks, saves after each one, and re-renders ``results/methods.md`` from the ledger. A run whose recipe
+no longer resolves to the same text (a method was fixed) is stale: it stays in the ledger but leaves the table.
+
+    python benchmarks/methods.py --rows lsq,lsq_kd,fpq --bits w2a2,w4a4 --seeds 0,1,2
+    python benchmarks/methods.py --render            # the table from the ledger, no training
+    python benchmarks/methods.py --list              # the rows and the claims they test
+
+Verdict (against the row's baseline, LSQ unless stated, same widths): the difference of means in units of its
+standard error sqrt(s1²/n1 + s2²/n2); "confirmed" above +2, "refuted" below −2, else "not confirmed". Fewer than
+3 seeds on either side: no verdict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import PRESETS, RESULTS, command_line, fp_checkpoint, mean_std
+from tabulate import tabulate
+
+import fxquant
+from fxquant import evaluate, fit
+from fxquant.data import fashion_mnist
+
+BUDGET = {"model": "resnet20", "train_images": 20000, "fp_epochs": 3, "fp_seed": 0, "qat_epochs": 2}
+LEDGER = RESULTS / "methods.json"
+WIDTHS = ("w2a2", "w4a4")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One method: its recipe at a width, the claim its paper makes and the row that claim is judged against."""
+
+    name: str
+    claim: str
+    recipe: dict[str, Any] | str = ""  # extra tables over ``lsq_<bits>``; a str names a recipe "<...>_{bits}"
+    baseline: str = "lsq"
+    widths: tuple[str, ...] = WIDTHS
+    notes: list[str] = field(default_factory=list)
+
+    def recipe_for(self, bits: str) -> dict[str, Any] | str:
+        if isinstance(self.recipe, str):
+            return self.recipe.format(bits=bits)
+        return {"name": f"{self.name}_{bits}", "extends": f"lsq_{bits}", **self.recipe}
+
+
+ROWS = {
+    row.name: row
+    for row in (
+        Row("lsq", "the baseline (LSQ weights, LSQ+ activations)", "lsq_{bits}", baseline=""),
+        Row(
+            "lsq_kd",
+            "control for FPQ: LSQ + logit distillation from the same FP teacher (KD, T = 4)",
+            {"loss": [{"kind": "kd", "T": 4.0, "weight": 1.0}]},
+        ),
+        Row("fpq", "FPQ: feature perturbation + channel-wise standardised distillation beats LSQ", "fpq_{bits}"),
+    )
+}
+
+
+def resolved_recipe(row: Row, bits: str) -> fxquant.Recipe:
+    return fxquant.load_recipe(row.recipe_for(bits))
+
+
+def recipe_hash(recipe: fxquant.Recipe) -> str:
+    """What identifies a row's method: the recipe's whole resolved TOML (any default that changes changes it)."""
+    return hashlib.sha256(recipe.to_toml().encode()).hexdigest()[:12]
+
+
+def commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    dirty = subprocess.run(["git", "status", "--porcelain", "fxquant"], capture_output=True, text=True, check=False)
+    return done.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def load_ledger() -> dict[str, Any]:
+    if LEDGER.exists():
+        ledger = json.loads(LEDGER.read_text())
+        if ledger["budget"] != BUDGET:
+            raise SystemExit(f"{LEDGER}: its budget {ledger['budget']} is not this script's {BUDGET}; move it aside")
+        return ledger
+    return {"budget": BUDGET, "fp": [], "runs": []}
+
+
+def save_ledger(ledger: dict[str, Any]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    temporary = LEDGER.with_suffix(".json.partial")
+    temporary.write_text(json.dumps(ledger, indent=1))
+    temporary.replace(LEDGER)  # a run killed mid-write never leaves half a ledger
+
+
+def run_one(row: Row, bits: str, seed: int, fp_model, train_data, test_loader) -> dict[str, Any]:
+    recipe = resolved_recipe(row, bits)
+    torch.manual_seed(seed)
+    qmodel = fxquant.prepare_qat(fp_model, recipe, torch.randn(1, 1, 28, 28))
+    config = qmodel.recipe.train.override(epochs=BUDGET["qat_epochs"])
+    start = time.perf_counter()
+    history = fit(qmodel, train_data, None, config, description=f"{row.name} {bits} seed {seed}", seed=seed)
+    seconds = time.perf_counter() - start
+    return {
+        "row": row.name,
+        "bits": bits,
+        "seed": seed,
+        "recipe_hash": recipe_hash(recipe),
+        "commit": commit(),
+        "top1": evaluate(qmodel, test_loader)["top1"],
+        "seconds": seconds,
+        "images_per_second": statistics.mean(h.images_per_second for h in history),
+        "train_loss": history[-1].train_loss,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def current_runs(ledger: dict[str, Any], row: Row, bits: str) -> list[dict[str, Any]]:
+    """The ledger's runs of this row and width made with the recipe as it resolves today."""
+    wanted = recipe_hash(resolved_recipe(row, bits))
+    return [r for r in ledger["runs"] if r["row"] == row.name and r["bits"] == bits and r["recipe_hash"] == wanted]
+
+
+def verdict(mine: list[float], base: list[float]) -> str:
+    if len(mine) < 3 or len(base) < 3:
+        return "— (< 3 seeds)"
+    difference = statistics.mean(mine) - statistics.mean(base)
+    error = math.sqrt(statistics.variance(mine) / len(mine) + statistics.variance(base) / len(base))
+    z = difference / error if error > 0 else math.copysign(math.inf, difference) if difference else 0.0
+    word = "confirmed" if z > 2 else "refuted" if z < -2 else "not confirmed"
+    return f"{word} ({difference:+.2f} pt, {z:+.1f} SE)"
+
+
+def render(ledger: dict[str, Any]) -> str:
+    fp = [r["top1"] for r in ledger["fp"]]
+    table = [["FP32", "32/32", mean_std(fp[:1]) if fp else "—", "—", "1", "—", "—"]]
+    stale = 0
+    for bits in WIDTHS:
+        for row in ROWS.values():
+            if bits not in row.widths:
+                continue
+            mine = current_runs(ledger, row, bits)
+            stale += sum(1 for r in ledger["runs"] if r["row"] == row.name and r["bits"] == bits) - len(mine)
+            if not mine:
+                continue
+            base_runs = current_runs(ledger, ROWS[row.baseline], bits) if row.baseline else []
+            speed = {r["seed"]: r["images_per_second"] for r in base_runs}
+            cost = [speed[r["seed"]] / r["images_per_second"] for r in mine if r["seed"] in speed]
+            top1 = [r["top1"] for r in mine]
+            table.append(
+                [
+                    row.name,
+                    bits.upper(),
+                    mean_std(top1),
+                    len(mine),
+                    f"{statistics.mean(cost):.2f}" if cost else "—",
+                    row.baseline or "—",
+                    verdict(top1, [r["top1"] for r in base_runs]) if row.baseline else "—",
+                ]
+            )
+    headers = ["row", "bits", "top-1 % (mean ± std)", "seeds", "time per step × baseline", "baseline", "verdict"]
+    claims = "\n".join(f"- **{row.name}**: {row.claim}" for row in ROWS.values())
+    return (
+        "# Methods: each research method against LSQ, over QAT seeds\n\n"
+        f"Command: `{command_line().strip()}` (the table renders every run in `methods.json`; runs accumulate "
+        f"over calls). Budget: {BUDGET['model']}, {BUDGET['train_images']} Fashion-MNIST training images "
+        f"(standard augmentation), every QAT run {BUDGET['qat_epochs']} epochs from one FP checkpoint "
+        f"({BUDGET['fp_epochs']} epochs, seed {BUDGET['fp_seed']}); test set 10,000 images; torch {torch.__version__}."
+        " Accuracy runs shared the 2 cores with other work, so the per-step ratios (against the baseline run of the "
+        "same seed) are indicative only. Verdict: difference of means over its standard error, ±2 SE.\n\n"
+        f"{tabulate(table, headers=headers, tablefmt='github')}\n\n"
+        + (f"{stale} earlier run(s) of changed recipes are kept in methods.json but left out.\n\n" if stale else "")
+        + f"Rows and the claims they test:\n\n{claims}\n"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows (see --list)")
+    parser.add_argument("--bits", default=",".join(WIDTHS))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--render", action="store_true", help="only render the table from the ledger")
+    parser.add_argument("--list", action="store_true", help="print the rows and their claims")
+    args = parser.parse_args()
+    if args.list:
+        for row in ROWS.values():
+            print(f"{row.name:10} vs {row.baseline or '—':6} {row.claim}")
+        return
+    torch.set_num_threads(args.threads)
+    ledger = load_ledger()
+    rows = [ROWS[name] for name in args.rows.split(",")] if not args.render else []
+    bits_list = args.bits.split(",")
+    for row in rows:  # fail on a typo before an hour of training
+        for bits in bits_list:
+            resolved_recipe(row, bits)
+    if rows:
+        train_data = fashion_mnist("train", augment="standard", limit=BUDGET["train_images"])
+        test_loader = torch.utils.data.DataLoader(fashion_mnist("test"), batch_size=512)
+        fp_model, fp_seconds = fp_checkpoint(BUDGET["model"], "quick", BUDGET["fp_seed"], train_data)
+        assert PRESETS["quick"]["train_images"] == BUDGET["train_images"]
+        if not ledger["fp"]:
+            ledger["fp"].append({"seed": BUDGET["fp_seed"], "top1": evaluate(fp_model, test_loader)["top1"]})
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for bits in bits_list:
+                for row in rows:
+                    if bits not in row.widths or any(r["seed"] == seed for r in current_runs(ledger, row, bits)):
+                        continue
+                    run = run_one(row, bits, seed, fp_model, train_data, test_loader)
+                    ledger["runs"].append(run)
+                    save_ledger(ledger)
+                    print(f"{row.name} {bits} seed {seed}: top-1 {run['top1']:.2f}%", flush=True)
+                    (RESULTS / "methods.md").write_text(render(ledger))
+    text = render(ledger)
+    (RESULTS / "methods.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
