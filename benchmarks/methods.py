@@ -26,10 +26,8 @@ import json
 import math
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -107,7 +105,7 @@ def save_ledger(ledger: dict[str, Any]) -> None:
     temporary.replace(LEDGER)  # a run killed mid-write never leaves half a ledger
 
 
-def run_one(row: Row, bits: str, seed: int, fp_model, train_data, test_loader) -> dict[str, Any]:
+def run_one(row: Row, bits: str, seed: int, fp_model, train_data, test_loader, code: str) -> dict[str, Any]:
     recipe = resolved_recipe(row, bits)
     torch.manual_seed(seed)
     qmodel = fxquant.prepare_qat(fp_model, recipe, torch.randn(1, 1, 28, 28))
@@ -120,7 +118,7 @@ def run_one(row: Row, bits: str, seed: int, fp_model, train_data, test_loader) -
         "bits": bits,
         "seed": seed,
         "recipe_hash": recipe_hash(recipe),
-        "commit": commit(),
+        "commit": code,
         "top1": evaluate(qmodel, test_loader)["top1"],
         "seconds": seconds,
         "images_per_second": statistics.mean(h.images_per_second for h in history),
@@ -147,7 +145,7 @@ def verdict(mine: list[float], base: list[float]) -> str:
 
 def render(ledger: dict[str, Any]) -> str:
     fp = [r["top1"] for r in ledger["fp"]]
-    table = [["FP32", "32/32", mean_std(fp[:1]) if fp else "—", "—", "1", "—", "—"]]
+    table = [["FP32", "32/32", mean_std(fp[:1]) if fp else "—", "—", "—", "—", "—"]]
     stale = 0
     for bits in WIDTHS:
         for row in ROWS.values():
@@ -203,6 +201,7 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     ledger = load_ledger()
+    code = commit()  # at start: the code this process runs, whatever is edited while it trains
     rows = [ROWS[name] for name in args.rows.split(",")] if not args.render else []
     bits_list = args.bits.split(",")
     for row in rows:  # fail on a typo before an hour of training
@@ -211,7 +210,7 @@ def main() -> None:
     if rows:
         train_data = fashion_mnist("train", augment="standard", limit=BUDGET["train_images"])
         test_loader = torch.utils.data.DataLoader(fashion_mnist("test"), batch_size=512)
-        fp_model, fp_seconds = fp_checkpoint(BUDGET["model"], "quick", BUDGET["fp_seed"], train_data)
+        fp_model, _ = fp_checkpoint(BUDGET["model"], "quick", BUDGET["fp_seed"], train_data)
         assert PRESETS["quick"]["train_images"] == BUDGET["train_images"]
         if not ledger["fp"]:
             ledger["fp"].append({"seed": BUDGET["fp_seed"], "top1": evaluate(fp_model, test_loader)["top1"]})
@@ -220,7 +219,7 @@ def main() -> None:
                 for row in rows:
                     if bits not in row.widths or any(r["seed"] == seed for r in current_runs(ledger, row, bits)):
                         continue
-                    run = run_one(row, bits, seed, fp_model, train_data, test_loader)
+                    run = run_one(row, bits, seed, fp_model, train_data, test_loader, code)
                     ledger["runs"].append(run)
                     save_ledger(ledger)
                     print(f"{row.name} {bits} seed {seed}: top-1 {run['top1']:.2f}%", flush=True)

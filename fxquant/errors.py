@@ -12,6 +12,14 @@ def closest(word: str, candidates: Iterable[str]) -> str | None:
     return matches[0] if matches else None
 
 
+def printable(text: str) -> str:
+    """``text`` with every control or invisible formatting character escaped (``\\x1b``, ``\\n``, ``\\u202e``), so
+    that echoing a key or a name from a hostile file can neither drive the terminal nor break the line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class FxQuantError(Exception):
     """Base class of every error fxquant raises on purpose."""
 
@@ -24,9 +32,11 @@ class RecipeError(FxQuantError, ValueError):
         self.key_path = key_path
         self.suggestion = suggestion
         self.detail = message
-        text = f"{source}: {key_path or '<top level>'}: {message}"
+        self.key_parts: tuple[str | int, ...] = ()  # the key path as table keys/indices, when a parser knows it
+        # one line, whatever the file held: every echoed piece is escaped
+        text = f"{printable(source)}: " + (f"{printable(key_path)}: " if key_path else "") + printable(message)
         if suggestion:
-            text += f" (did you mean '{suggestion}'?)"
+            text += f" (did you mean '{printable(suggestion)}'?)"
         super().__init__(text)
 
 

@@ -11,10 +11,13 @@ Example usage::
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
+from fxquant.errors import closest
+
 from .fields import Where, parse
+from .files import read_toml
+from .quoting import quote_key
 from .sections import LayerWidths
 
 BitPlan = dict[str, tuple[int | None, int | None]]
@@ -32,34 +35,27 @@ def save_plan(plan: BitPlan, path: str | Path, comment: str = "") -> Path:
     return path
 
 
-def load_plan(path: str | Path) -> BitPlan:
-    """Read and validate a plan file; every problem is a RecipeError naming the file and the key."""
+def load_plan(path: str | Path, declared_at: Where | None = None) -> BitPlan:
+    """Read and validate a plan file; every problem is a RecipeError naming the file and the key (a missing or
+    unreadable file is blamed on ``declared_at``, the recipe key that named it, when given).
+
+    Example usage::
+
+        load_plan("plan.toml")        # {"layer1.0.conv1": (3, 3)}
+    """
     path = Path(path)
     where = Where(str(path))
-    if not path.is_file():
-        raise where.error("bit plan file not found" if not path.exists() else "bit plan path is not a file")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise where.error(f"not a valid UTF-8 TOML file: {err}") from None
+    data = read_toml(path, declared_at or where)
     table = data.get("plan")
     if not isinstance(table, dict):
         raise where.key("plan").error('a bit plan needs a [plan] table of "layer" = { weight = b, activation = b }')
+    unknown = sorted(set(data) - {"plan"})
+    if unknown:
+        raise where.key(unknown[0]).error(
+            "unknown key; a plan file holds one [plan] table", closest(unknown[0], ["plan"])
+        )
     plan: BitPlan = {}
     for name, entry in table.items():
-        widths = parse(LayerWidths, entry, where.key("plan").key(quote_key(name)))
+        widths = parse(LayerWidths, entry, where.key("plan").key(name))
         plan[name] = (widths.weight, widths.activation)
     return plan
-
-
-def quote_key(key: str) -> str:
-    """A TOML key: bare when it can be, else a quoted string."""
-    if key and key.isascii() and all(c.isalnum() or c in "_-" for c in key):
-        return key
-    return quote_string(key)
-
-
-def quote_string(text: str) -> str:
-    """A TOML basic string, with quotes, backslashes and control characters escaped."""
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
-    return '"' + "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in escaped) + '"'

@@ -28,25 +28,33 @@ from typing import Any, TypeVar
 
 from fxquant.errors import RecipeError, closest
 
+from .quoting import quote_key
+
 T = TypeVar("T")
 Check = Callable[[Any], "str | None"]
 
 
 @dataclass(frozen=True)
 class Where:
-    """The place a value came from: the file (or label) and the key path inside it."""
+    """The place a value came from: the file (or label) and the key path inside it. ``parts`` holds the path's
+    keys and indices as they are in the table (``("loss", 1, "tap")``), to find which file of an ``extends``
+    chain holds a key; ``path`` is how the path reads, keys quoted when they are not bare."""
 
     source: str
     path: str = ""
+    parts: tuple[str | int, ...] = ()
 
     def key(self, name: str) -> Where:
-        return Where(self.source, f"{self.path}.{name}" if self.path else name)
+        shown = quote_key(name) if isinstance(name, str) else repr(name)
+        return Where(self.source, f"{self.path}.{shown}" if self.path else shown, (*self.parts, name))
 
     def index(self, i: int) -> Where:
-        return Where(self.source, f"{self.path}[{i}]")
+        return Where(self.source, f"{self.path}[{i}]", (*self.parts, i))
 
     def error(self, message: str, suggestion: str | None = None) -> RecipeError:
-        return RecipeError(self.source, self.path, message, suggestion)
+        error = RecipeError(self.source, self.path, message, suggestion)
+        error.key_parts = self.parts
+        return error
 
 
 def setting(
@@ -169,12 +177,30 @@ def _scalar(value: Any, tp: type, where: Where) -> Any:
     else:
         ok = isinstance(value, tp)
     if not ok:
-        raise where.error(f"must be {_NAMES.get(tp, tp.__name__)}, got {value!r}")
+        raise where.error(f"must be {_NAMES.get(tp, tp.__name__)}, got {shown(value)}")
+    if tp is int and not -(2**63) <= value < 2**63:
+        raise where.error(f"must fit in 64 bits, got an integer of {value.bit_length()} bits")
+    if tp is str and not _plain_text(value):
+        raise where.error(f"contains control characters: {shown(value)}")
     if tp is float:
         value = float(value)
         if not math.isfinite(value):
             raise where.error(f"must be a finite number, got {value!r}")
     return value
+
+
+def _plain_text(text: str) -> bool:
+    """No control or invisible formatting characters besides line breaks and tabs (names and descriptions are
+    echoed to terminals)."""
+    return text.isprintable() or all(c.isprintable() or c in "\n\t" for c in text)
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """A value as an error message shows it: its repr, shortened (a hostile file may hold megabytes)."""
+    if isinstance(value, (dict, list)):
+        return f"a {'table' if isinstance(value, dict) else 'list'}"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _value(value: Any, tp: Any, meta: Mapping[str, Any], where: Where, base: Any = None) -> Any:
@@ -186,7 +212,7 @@ def _value(value: Any, tp: Any, meta: Mapping[str, Any], where: Where, base: Any
         if meta.get("one_or_many") and isinstance(value, str):
             value = [value]
         if not isinstance(value, list):
-            raise where.error(f"must be {describe_type(tp)}, got {value!r}")
+            raise where.error(f"must be {describe_type(tp)}, got {shown(value)}")
         variants = meta.get("variants")
         if variants is not None:
             return tuple(
@@ -198,6 +224,9 @@ def _value(value: Any, tp: Any, meta: Mapping[str, Any], where: Where, base: Any
         _, value_tp = typing.get_args(tp)
         if not isinstance(value, dict):
             raise where.error("must be a table")
+        for k in value:
+            if not _plain_text(k) or "\n" in k:
+                raise where.key(k).error("a key may not contain control characters")
         return types.MappingProxyType({k: _value(v, value_tp, meta, where.key(k)) for k, v in value.items()})
     if dataclasses.is_dataclass(tp):
         return parse(tp, value, where, base=base)
@@ -205,7 +234,7 @@ def _value(value: Any, tp: Any, meta: Mapping[str, Any], where: Where, base: Any
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         hint = closest(value, [str(c) for c in choices]) if isinstance(value, str) else None
-        raise where.error(f"must be one of {', '.join(map(str, choices))}; got {value!r}", hint)
+        raise where.error(f"must be one of {', '.join(map(str, choices))}; got {shown(value)}", hint)
     check = meta.get("check")
     if check is not None:
         problem = check(value)
@@ -221,7 +250,7 @@ def _tagged(value: Any, variants: Mapping[str, type], tag: str, where: Where) ->
     if kind not in variants:
         kinds = sorted(variants)
         hint = closest(kind, kinds) if isinstance(kind, str) else None
-        raise where.key(tag).error(f"must be one of {', '.join(kinds)}; got {kind!r}", hint)
+        raise where.key(tag).error(f"must be one of {', '.join(kinds)}; got {shown(kind)}", hint)
     return parse(variants[kind], {k: v for k, v in value.items() if k != tag}, where)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tomllib
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -21,7 +20,8 @@ from typing import Any
 from fxquant.errors import RecipeError, closest
 
 from .bit_plan import BitPlan, load_plan
-from .fields import Section, Where, parse, setting
+from .fields import Section, Where, parse, setting, shown
+from .files import check_depth, contained, parse_toml_bytes, read_toml
 from .sections import (
     LOSS_KINDS,
     BitsConfig,
@@ -130,49 +130,62 @@ def builtin_names() -> list[str]:
 
 
 def _builtin(name: str) -> dict[str, Any]:
-    text = (resources.files("fxquant.recipes") / f"{name}.toml").read_text(encoding="utf-8")
-    return _parse_toml(text, f"<builtin {name}>")
-
-
-def _parse_toml(text: str, source: str) -> dict[str, Any]:
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise RecipeError(source, "", f"not valid TOML: {err}") from None
+    raw = (resources.files("fxquant.recipes") / f"{name}.toml").read_bytes()
+    return parse_toml_bytes(raw, Where(f"<builtin {name}>"))
 
 
 def _looks_like_path(text: str) -> bool:
     return text.endswith(".toml") or "/" in text or "\\" in text
 
 
-def _read(name_or_path: str | Path, relative_to: Path | None) -> tuple[dict[str, Any], str, Path | None]:
-    """Raw TOML of a built-in name or a path: (data, source label, file path or None)."""
-    text = str(name_or_path)
-    if not _looks_like_path(text):
-        if text in builtin_names():
-            return _builtin(text), f"<builtin {text}>", None
-        raise RecipeError(
-            text,
-            "",
-            f"no built-in recipe of that name; built-ins: {', '.join(builtin_names())}",
-            closest(text, builtin_names()),
+MAX_EXTENDS = 16  # recipes extend a few levels; a longer chain is a mistake or an attack
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One file of an ``extends`` chain (or the overrides) with its own tables, to blame a key on the file that
+    holds it."""
+
+    source: str
+    data: Mapping[str, Any]
+
+
+def _read(reference: Any, declaring: Path | None, where: Where) -> tuple[dict[str, Any], str, Path | None]:
+    """Raw TOML of a built-in name or a path: (data, source label, file path or None).
+
+    A path named by a recipe file (``declaring``) must stay in that file's folder; the recipe a caller names
+    directly, or a dict's ``extends``, may be anywhere (relative to the working directory).
+    """
+    if not isinstance(reference, str):
+        raise where.error(f"must be a string (a built-in name or a path), got {shown(reference)}")
+    if not _looks_like_path(reference):
+        if reference in builtin_names():
+            return _builtin(reference), f"<builtin {reference}>", None
+        raise where.error(
+            f"no built-in recipe named {reference!r}; built-ins: {', '.join(builtin_names())}",
+            closest(reference, builtin_names()),
         )
-    path = Path(text)
-    if relative_to is not None and not path.is_absolute():
-        path = relative_to / path
-    path = Path(os.path.normpath(path))
-    if not path.is_file():
-        raise RecipeError(str(path), "", "recipe file not found")
-    return _parse_toml(path.read_text(encoding="utf-8"), str(path)), str(path), path
+    if declaring is not None:
+        path = contained(reference, declaring, where, builtin_ok=True)
+    else:
+        path = Path(os.path.normpath(reference))
+        where = Where(str(path)) if not where.path else where
+    return read_toml(path, where), str(path), path
 
 
-def _anchor_plan(data: dict[str, Any], folder: Path | None) -> None:
-    """A relative ``[bits] plan`` names a file next to the recipe that declares it: make it absolute here,
-    before tables merge, so that a child recipe or overrides never move it."""
+def _anchor_plan(data: dict[str, Any], declaring: Path | None, source: str) -> None:
+    """A relative ``[bits] plan`` names a file next to the recipe that declares it: check it and make it absolute
+    here, before tables merge, so that a child recipe or overrides never move it. In a file it must stay in the
+    file's folder (see :func:`contained`); in a dict or overrides it is relative to the working directory."""
     bits = data.get("bits")
     plan = bits.get("plan") if isinstance(bits, dict) else None
-    if isinstance(plan, str) and not Path(plan).is_absolute():
-        bits["plan"] = os.path.normpath((folder or Path.cwd()) / plan)
+    if plan is None:
+        return
+    where = Where(source).key("bits").key("plan")
+    if declaring is not None:
+        bits["plan"] = str(contained(plan, declaring, where))
+    elif isinstance(plan, str) and plan:
+        bits["plan"] = os.path.normpath(Path.cwd() / plan)
 
 
 def merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -187,26 +200,60 @@ def merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _resolve(
-    name_or_path: str | Path, relative_to: Path | None, seen: tuple[str, ...]
-) -> tuple[dict, str, Path | None]:
-    data, source, path = _read(name_or_path, relative_to)
-    _anchor_plan(data, path.parent if path else None)
-    if source in seen:
-        raise RecipeError(source, "extends", f"recipes extend each other in a cycle: {' -> '.join((*seen, source))}")
+    reference: Any, declaring: Path | None, where: Where, seen: tuple[str, ...]
+) -> tuple[dict[str, Any], list[_Layer], str, Path | None]:
+    """Follow ``extends``: (merged data, the chain's layers base first, source, path)."""
+    data, source, path = _read(reference, declaring, where)
+    identity = str(path.resolve()) if path is not None else source
+    if identity in seen:
+        chain = " -> ".join((*seen, identity))
+        raise where.error(f"recipes extend each other in a cycle: {chain}")
+    if len(seen) >= MAX_EXTENDS:
+        raise where.error(f"extends chain longer than {MAX_EXTENDS} recipes")
+    _anchor_plan(data, path, source)
     parent = data.pop("extends", None)
+    layer = _Layer(source, data)
     if parent is None:
-        return data, source, path
-    if not isinstance(parent, str):
-        raise RecipeError(source, "extends", f"must be a string, got {parent!r}")
-    base, _, _ = _resolve(parent, path.parent if path else None, (*seen, source))
-    return merge(base, data), source, path
+        return data, [layer], source, path
+    base, layers, _, _ = _resolve(parent, path, Where(source).key("extends"), (*seen, identity))
+    return merge(base, data), [*layers, layer], source, path
+
+
+def _holds(data: Any, parts: tuple[str | int, ...]) -> bool:
+    for part in parts:
+        if isinstance(part, int):
+            if not isinstance(data, list) or part >= len(data):
+                return False
+        elif not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def _blame(err: RecipeError, layers: list[_Layer]) -> RecipeError:
+    """The same error, attributed to the file of the chain that holds the key (the child-most that has the whole
+    key path; else the child-most holding the longest part of it): a mistake in a parent names the parent."""
+    parts = err.key_parts
+    if len(layers) < 2 or not parts:
+        return err
+    for length in range(len(parts), 0, -1):
+        for layer in reversed(layers):
+            if _holds(layer.data, parts[:length]):
+                if layer.source == err.source:
+                    return err
+                moved = RecipeError(layer.source, err.key_path, err.detail, err.suggestion)
+                moved.key_parts = parts
+                return moved
+    return err
 
 
 def load_recipe(recipe: str | os.PathLike | Recipe | dict[str, Any], overrides: dict[str, Any] | None = None) -> Recipe:
     """Load, merge and validate a recipe. Accepts a built-in name, a path, a dict or a Recipe.
 
-    ``overrides`` (top-level tables, e.g. ``{"quant": {"weight": {"bits": 3}}}``) merge on top and are
-    validated as part of the result; a relative ``bits.plan`` in them is relative to the working directory.
+    ``extends`` and ``[bits] plan`` inside a file name a built-in recipe or a ``.toml`` file inside that file's
+    folder. ``overrides`` (top-level tables, e.g. ``{"quant": {"weight": {"bits": 3}}}``) merge on top and are
+    validated as part of the result; a relative ``bits.plan`` in them (or in a dict recipe) is relative to the
+    working directory.
 
     Example usage::
 
@@ -216,40 +263,65 @@ def load_recipe(recipe: str | os.PathLike | Recipe | dict[str, Any], overrides: 
         if not overrides:
             return recipe
         data, source, path = copy.deepcopy(dict(recipe.toml)), recipe.source, recipe.path
+        layers = [_Layer(source, data)]
     elif isinstance(recipe, dict):
         data, source, path = copy.deepcopy(recipe), "<dict>", None
-        _anchor_plan(data, None)
+        check_depth(data, Where(source))
+        _anchor_plan(data, None, source)
         parent = data.pop("extends", None)
+        layers = [_Layer(source, data)]
         if parent is not None:
-            if not isinstance(parent, str):
-                raise RecipeError(source, "extends", f"must be a string, got {parent!r}")
-            base, _, _ = _resolve(parent, None, ())
+            base, layers, _, _ = _resolve(parent, None, Where(source).key("extends"), ())
+            layers = [*layers, _Layer(source, data)]
             data = merge(base, data)
+    elif isinstance(recipe, (str, os.PathLike)):
+        data, layers, source, path = _resolve(os.fspath(recipe), None, Where(os.fspath(recipe)), ())
     else:
-        data, source, path = _resolve(recipe, None, ())
+        raise TypeError(f"a recipe is a built-in name, a path, a dict or a Recipe; got {type(recipe).__name__}")
     if overrides:
         overrides = copy.deepcopy(overrides)
-        _anchor_plan(overrides, None)
-        parse(Recipe, overrides, Where(f"{source} (overrides)"))  # blame the overrides for their own mistakes
+        label = f"{source} (overrides)"
+        check_depth(overrides, Where(label))
+        _anchor_plan(overrides, None, label)
+        parse(Recipe, overrides, Where(label))  # blame the overrides for their own mistakes
         data = merge(data, overrides)
-        source = f"{source} (with overrides)"
-    return _build(data, source, path)
+        layers = [*layers, _Layer(label, overrides)]
+    return _build(data, source, path, layers)
 
 
-def _build(data: dict[str, Any], source: str, path: Path | None) -> Recipe:
+def recipe_from_text(text: bytes, source: str) -> Recipe:
+    """A self-contained recipe stored as TOML text (in a checkpoint): it may not name other files.
+
+    Example usage::
+
+        recipe_from_text(recipe.to_toml().encode(), "model.fxq: recipe")
+    """
+    where = Where(source)
+    data = parse_toml_bytes(text, where)
+    for parts in (("extends",), ("bits", "plan")):
+        if _holds(data, parts):
+            at = where.key(parts[0]) if len(parts) == 1 else where.key(parts[0]).key(parts[1])
+            raise at.error("a stored recipe must be self-contained; it may not name another file")
+    return _build(data, source, None, [_Layer(source, data)])
+
+
+def _build(data: dict[str, Any], source: str, path: Path | None, layers: list[_Layer] | None = None) -> Recipe:
     data.pop("extends", None)
-    recipe = parse(Recipe, data, Where(source))
-    name = recipe.name or (path.stem if path else source.strip("<>").removeprefix("builtin ").split(" ")[0])
-    plan = _bit_plan(recipe.bits, source)
-    recipe = replace(recipe, name=name, source=source, path=path, bit_plan=plan, toml=data)
-    return replace(recipe, features=feature_plan(recipe))
+    try:
+        recipe = parse(Recipe, data, Where(source))
+        name = recipe.name or (path.stem if path else source.strip("<>").removeprefix("builtin ").split(" ")[0])
+        plan = _bit_plan(recipe.bits, Where(source))
+        recipe = replace(recipe, name=name, source=source, path=path, bit_plan=plan, toml=data)
+        return replace(recipe, features=feature_plan(recipe))
+    except RecipeError as err:
+        raise _blame(err, layers or []) from None
 
 
-def _bit_plan(bits: BitsConfig, source: str) -> BitPlan | None:
+def _bit_plan(bits: BitsConfig, where: Where) -> BitPlan | None:
     if bits.plan is not None and bits.layers is not None:
-        raise RecipeError(source, "bits", "give either plan (a file) or layers (inline), not both")
+        raise where.key("bits").error("give either plan (a file) or layers (inline), not both")
     if bits.plan is not None:
-        return load_plan(bits.plan)
+        return load_plan(bits.plan, where.key("bits").key("plan"))
     return bits.widths()
 
 
@@ -264,12 +336,16 @@ def feature_plan(recipe: Recipe) -> FeaturePlan:
             if name in taps:
                 continue
             if selector_problem(selector):
-                raise RecipeError(
-                    recipe.source,
-                    f"loss[{i}].tap",
-                    f"no tap named {name!r} (declared taps: {', '.join(sorted(recipe.taps)) or 'none'}) "
-                    "and not a selector",
-                    closest(name, recipe.taps),
+                raise (
+                    Where(recipe.source)
+                    .key("loss")
+                    .index(i)
+                    .key("tap")
+                    .error(
+                        f"no tap named {name!r} (declared taps: {', '.join(sorted(recipe.taps)) or 'none'}) "
+                        "and not a selector",
+                        closest(name, recipe.taps),
+                    )
                 )
             taps[name] = selector
             declared[name] = f"loss[{i}]" + (".tap" if selector == name else ".layers")

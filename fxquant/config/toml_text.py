@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from .bit_plan import quote_key, quote_string
+from .quoting import quote_key, quote_string
 
 
 def dumps_toml(data: Mapping[str, Any]) -> str:
