@@ -8,7 +8,7 @@ Example usage::
 
 from .bit_plan import BitPlan, load_plan, save_plan
 from .fields import Section, Where, describe, parse
-from .recipe import FeaturePlan, Recipe, builtin_names, feature_plan, load_recipe, merge
+from .recipe import FeaturePlan, Recipe, builtin_names, feature_plan, load_recipe, merge, recipe_from_text
 from .sections import (
     LOSS_KINDS,
     BitsConfig,
@@ -59,5 +59,6 @@ __all__ = [
     "load_recipe",
     "merge",
     "parse",
+    "recipe_from_text",
     "save_plan",
 ]
