@@ -90,20 +90,21 @@ def save(qmodel: QATModel | nn.Module, path: str | os.PathLike, extra: dict[str,
     return path
 
 
-def read(path: str | os.PathLike) -> dict[str, Any]:
-    """The checkpoint's contents as a dict (``weights_only`` loading), after checking every field's type.
+def safe_load(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU, every failure a one-line CheckpointError naming the file.
+    A file holding pickled code is refused with a warning never to load it with ``weights_only=False``.
 
     Example usage::
 
-        fxquant.checkpoint.read("resnet20_w4a4.pt")["extra"]
+        state = safe_load("resnet20_fp.pt")
     """
     file = Path(path)
     if not file.exists():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        raise CheckpointError(f"{path}: no such file")
     if not file.is_file():
         raise CheckpointError(f"{path}: not a file")
     try:
-        payload = torch.load(file, map_location="cpu", weights_only=True)
+        return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # torch's message suggests retrying with weights_only=False; it is never relayed
         if "unsupported global" not in str(err).lower():  # bytes the safe loader cannot read, not a refused class
@@ -111,13 +112,22 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
                 f"{path}: not a loadable checkpoint (the safe loader cannot read its pickle data; "
                 "do not retry with weights_only=False)"
             ) from None
-        # torch's own message suggests weights_only=False: for a file that holds code, that would run the code
         raise CheckpointError(
             f"{path}: refused: the file contains pickled code or objects, which an fxquant checkpoint never does; "
             "do not load it with weights_only=False (that would run whatever code it holds)"
         ) from None
     except Exception as err:
         raise CheckpointError(f"{path}: not a loadable checkpoint ({type(err).__name__}: {_first_line(err)})") from None
+
+
+def read(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's contents as a dict (``weights_only`` loading), after checking every field's type.
+
+    Example usage::
+
+        fxquant.checkpoint.read("resnet20_w4a4.pt")["extra"]
+    """
+    payload = safe_load(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(

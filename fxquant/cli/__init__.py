@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
-from fxquant.errors import FxQuantError
+from fxquant.errors import FxQuantError, printable
 
 from . import demo, export, recipes, search, summary, train, zeroshot
 
@@ -17,9 +18,16 @@ EXIT_USAGE = 2
 COMMANDS = (demo, summary, train, search, zeroshot, export, recipes)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (``fxquant train: error: argument --epochs: ...``), escaped."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {printable(message)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
-    parser = argparse.ArgumentParser(prog="fxquant", description="Quantization-aware training by graph rewriting.")
+    parser = OneLineParser(prog="fxquant", description="Quantization-aware training by graph rewriting.")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.add_parser(sub)
@@ -36,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FxQuantError, ValueError, FileNotFoundError) as err:
-        print(f"fxquant {args.command}: error: {err}", file=sys.stderr)
+    except (FxQuantError, ValueError, OSError) as err:
+        # bad input (a recipe, a checkpoint, a file, a shape that does not fit the model): one escaped line
+        text = str(err) if not isinstance(err, OSError) or not err.filename else f"{err.filename}: {err.strerror}"
+        print(f"fxquant {args.command}: error: {printable(text)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"fxquant {args.command}: interrupted", file=sys.stderr)

@@ -20,13 +20,15 @@ from fxquant.summary import collect
 from fxquant.train.loop import evaluate
 from fxquant.workflow import cached_float_model, fit
 
+from .common import positive_int
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="FP vs QAT resnet20 on real Fashion-MNIST")
     demo.add_argument("--recipes", default="lsq_w4a4,lsq_w2a2")
-    demo.add_argument("--train-images", type=int, default=10000, help="training images used (of 60,000)")
-    demo.add_argument("--fp-epochs", type=int, default=2)
-    demo.add_argument("--qat-epochs", type=int, default=1)
+    demo.add_argument("--train-images", type=positive_int, default=10000, help="training images used (of 60,000)")
+    demo.add_argument("--fp-epochs", type=positive_int, default=2)
+    demo.add_argument("--qat-epochs", type=positive_int, default=1)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--cache", default=".fxquant_cache")
     demo.set_defaults(func=run)

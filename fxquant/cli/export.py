@@ -14,7 +14,7 @@ from fxquant.checkpoint import load
 from fxquant.deploy import compare, convert, export_onnx
 from fxquant.deploy.onnx_export import capture
 
-from .common import model_from_spec, parse_shape
+from .common import model_from_spec, positive_int, shape
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,8 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--checkpoint", required=True, help="an fxquant checkpoint (fxquant train --out)")
     export.add_argument("--out", required=True, help="the .onnx file to write (and OUT.encodings.json)")
     export.add_argument("--format", choices=("qdq", "qcdq"), default="qdq")
-    export.add_argument("--opset", type=int, help="default 21 for qdq, 13 for qcdq")
-    export.add_argument("--input", default="1,1,28,28", help="example input shape")
+    export.add_argument("--opset", type=positive_int, help="default 21 for qdq, 13 for qcdq")
+    export.add_argument("--input", type=shape, default="1,1,28,28", help="example input shape")
     export.add_argument(
         "--fold-bn",
         action="store_true",
@@ -46,11 +46,8 @@ def float_onnx_size(model: torch.nn.Module, example: torch.Tensor) -> tuple[int,
 
 def run(args: argparse.Namespace) -> int:
     console = Console()
-    shape = parse_shape(args.input)
-    if any(size < 1 for size in shape):
-        raise ValueError(f"--input must be positive sizes, got {args.input!r}")
     qmodel = load(args.checkpoint, model_from_spec(args.model))
-    example = torch.randn(*shape)
+    example = torch.randn(*args.input)
     opset = args.opset or (21 if args.format == "qdq" else 13)
     report = export_onnx(qmodel, args.out, example, format=args.format, opset=opset, fold_batch_norm=args.fold_bn)
     fp_bytes, fp_gzip = float_onnx_size(model_from_spec(args.model), example)

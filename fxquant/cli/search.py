@@ -15,7 +15,7 @@ from fxquant.data import fashion_mnist, with_channels
 from fxquant.search import parse_budget, report, save_bar_plot, search
 from fxquant.workflow import calibrate
 
-from .common import load_float_state, model_from_spec, parse_shape
+from .common import load_float_state, model_from_spec, positive_int, shape, widths
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,15 +25,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     find.add_argument("--recipe", default="lsq_w4a4", help="gives first/last-layer widths and quantizer types")
     find.add_argument("--budget", default="0.25xW8A8", help="0.25xW8A8, 0.5xFP32, avg3, 1.2e9 or size:150kB")
     find.add_argument("--method", choices=("hessian", "sam", "saq"), default="hessian")
-    find.add_argument("--iterations", type=int, default=100, help="generator iterations (--method saq)")
-    find.add_argument("--candidates", default="2,3,4,8")
+    find.add_argument("--iterations", type=positive_int, default=100, help="generator iterations (--method saq)")
+    find.add_argument("--candidates", type=widths, default="2,3,4,8")
     find.add_argument(
         "--search-first-last", action="store_true", help="search the first/last layers' widths too (budget unchanged)"
     )
-    find.add_argument("--input", default="1,1,28,28", help="example input shape")
+    find.add_argument("--input", type=shape, default="1,1,28,28", help="example input shape")
     find.add_argument("--data", choices=("fashion-mnist", "random"), default="fashion-mnist")
-    find.add_argument("--batches", type=int, default=2)
-    find.add_argument("--batch-size", type=int, default=128)
+    find.add_argument("--batches", type=positive_int, default=2)
+    find.add_argument("--batch-size", type=positive_int, default=128)
     find.add_argument("--out", default="bit_plan.toml")
     find.add_argument("--plot", default="bit_plan.png")
     find.set_defaults(func=run)
@@ -44,15 +44,15 @@ def run(args: argparse.Namespace) -> int:
     model = model_from_spec(args.model)
     if args.init:
         load_float_state(model, args.init, "--init")
-    shape = parse_shape(args.input)
-    qmodel = prepare_qat(model, args.recipe, torch.randn(*shape))
+    input_shape = args.input
+    qmodel = prepare_qat(model, args.recipe, torch.randn(*input_shape))
     if args.data == "fashion-mnist":
-        data = with_channels(fashion_mnist("train", limit=args.batches * args.batch_size), shape[1])
+        data = with_channels(fashion_mnist("train", limit=args.batches * args.batch_size), input_shape[1])
         batches = list(torch.utils.data.DataLoader(data, batch_size=args.batch_size))
     else:  # random inputs and labels: shapes and a rough signal only, for models without data here
-        classes = qmodel(torch.randn(*shape)).shape[-1]
+        classes = qmodel(torch.randn(*input_shape)).shape[-1]
         batches = [
-            (torch.randn(args.batch_size, *shape[1:]), torch.randint(0, classes, (args.batch_size,)))
+            (torch.randn(args.batch_size, *input_shape[1:]), torch.randint(0, classes, (args.batch_size,)))
         ] * args.batches
     start = time.perf_counter()
     if args.method == "saq":
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         batches,
         args.budget,
         args.method,
-        [int(b) for b in args.candidates.split(",")],
+        args.candidates,
         progress=True,
         iterations=args.iterations,
         search_first_last=args.search_first_last,

@@ -17,7 +17,7 @@ from fxquant.train import distributed
 from fxquant.train.loop import evaluate
 from fxquant.workflow import fit
 
-from .common import input_channels, load_float_state, model_from_spec
+from .common import input_channels, load_float_state, model_from_spec, positive_float, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,11 +29,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--recipe", default="lsq_w4a4", help="built-in name or TOML path ([train] gives epochs, lr...)")
     train.add_argument("--init", help="float state_dict to start from (e.g. from fxquant train --fp --out ...)")
     train.add_argument("--fp", action="store_true", help="train the float model (the recipe's [train] table only)")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--batch-size", type=int, help="global batch (split across torchrun ranks)")
-    train.add_argument("--lr", type=float)
+    train.add_argument("--epochs", type=positive_int)
+    train.add_argument("--batch-size", type=positive_int, help="global batch (split across torchrun ranks)")
+    train.add_argument("--lr", type=positive_float)
     train.add_argument("--augment", choices=("none", "standard", "strong"), default="standard")
-    train.add_argument("--train-images", type=int, help="use only the first N training images")
+    train.add_argument("--train-images", type=positive_int, help="use only the first N training images")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", help="where to save (an fxquant checkpoint; a float state_dict with --fp)")
     train.set_defaults(func=run)
@@ -46,10 +46,10 @@ def run(args: argparse.Namespace) -> int:
     model = model_from_spec(args.model)
     if args.init:
         load_float_state(model, args.init, "--init")
+    recipe = load_recipe(args.recipe)  # a bad recipe fails before the data is read
     channels = input_channels(model)
     train_data = with_channels(fashion_mnist("train", augment=args.augment, limit=args.train_images), channels)
     test_data = with_channels(fashion_mnist("test"), channels)
-    recipe = load_recipe(args.recipe)
     changes = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
     config = recipe.train.override(**{k: v for k, v in changes.items() if v is not None})
     target = model if args.fp else prepare_qat(model, recipe, torch.randn(1, channels, 28, 28))

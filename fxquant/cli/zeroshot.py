@@ -13,7 +13,7 @@ from fxquant.data import DataNotFoundError, fashion_mnist, with_channels
 from fxquant.train.loop import evaluate
 from fxquant.zeroshot import save_grid, train
 
-from .common import input_channels, load_float_state, model_from_spec
+from .common import input_channels, load_float_state, model_from_spec, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     zeroshot.add_argument("--model", required=True, help="float state_dict, e.g. from fxquant train --fp --out")
     zeroshot.add_argument("--arch", default="resnet20", help="architecture of that state_dict")
     zeroshot.add_argument("--recipe", default="lrq_w4a4")
-    zeroshot.add_argument("--iterations", type=int, help="override the recipe's [zeroshot] iterations")
+    zeroshot.add_argument("--iterations", type=positive_int, help="override the recipe's [zeroshot] iterations")
     zeroshot.add_argument("--seed", type=int)
     zeroshot.add_argument("--grid", default="zeroshot_samples.png", help="PNG grid of synthetic samples")
     zeroshot.add_argument("--out", help="save the quantized model (an fxquant checkpoint)")
