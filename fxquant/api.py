@@ -16,11 +16,12 @@ import torch
 from torch import fx, nn
 
 from fxquant.config import Recipe, load_recipe
-from fxquant.errors import PrepareError, RecipeError, TraceError
+from fxquant.config.quoting import quote_key
+from fxquant.errors import FxQuantError, PrepareError, RecipeError, TraceError, closest
 from fxquant.passes import PREPARE_PASSES, PassContext, run_passes, trace_model
 from fxquant.passes.annotate import quantizable_nodes
 from fxquant.qat_model import PrepareOptions, PrepareReport, QATModel, graft
-from fxquant.quant.controls import check_plan_layers
+from fxquant.quant.layers import is_quantizable_module
 from fxquant.search.cost import as_args, measure
 
 
@@ -66,7 +67,13 @@ def prepare_qat(
         loss = qmodel(x).logsumexp(1).mean(); loss.backward()
     """
     recipe = load_recipe(recipe, overrides or None)
-    qmodel = _prepare(model, recipe, example_inputs, leaf_modules, concrete_args)
+    try:
+        qmodel = _prepare(model, recipe, example_inputs, leaf_modules, concrete_args)
+    except FxQuantError:
+        raise
+    except Exception as err:  # a defect or a model fxquant cannot handle: still an fxquant error, cause kept
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise PrepareError(f"prepare_qat failed on {type(model).__name__}: {type(err).__name__}: {first}") from err
     if isinstance(float_model, nn.Module):
         qmodel.keep_float_model(float_model)
     elif float_model is None and recipe.float_model_uses():
@@ -74,8 +81,19 @@ def prepare_qat(
     return qmodel
 
 
+def _copy(model: nn.Module) -> nn.Module:
+    """prepare_qat never modifies the caller's model: it works on a deep copy."""
+    try:
+        return copy.deepcopy(model)
+    except Exception as err:
+        raise PrepareError(
+            f"cannot copy {type(model).__name__} ({type(err).__name__}: {err}); prepare_qat works on a copy, so "
+            "every attribute of the model must be copyable (move locks, open files and the like out of the module)"
+        ) from err
+
+
 def _frozen_copy(model: nn.Module) -> nn.Module:
-    frozen = copy.deepcopy(model).eval()
+    frozen = _copy(model).eval()
     for p in frozen.parameters():
         p.requires_grad_(False)
     return frozen
@@ -89,7 +107,8 @@ def _prepare(
     concrete_args: dict[str, Any] | None,
 ) -> QATModel:
     args = as_args(example_inputs)
-    model = copy.deepcopy(model)
+    _check_leaf_modules(model, recipe, leaf_modules)
+    model = _copy(model)
     mode = model.training
     if args is not None:
         model.eval()
@@ -123,6 +142,7 @@ def _prepare(
         prepared[path] = run_passes(traced.pieces[path], PREPARE_PASSES, ctx)
     _check_recipe_fits(recipe, ctx)
 
+    float_layers = _float_layers(model, {r.name for r in ctx.layers.values()}, traced.opaque)
     root = prepared.pop("", model)
     for path, gm in prepared.items():
         graft(model.get_submodule(path), gm)
@@ -132,6 +152,7 @@ def _prepare(
         layers=list(ctx.layers.values()),
         passes=ctx.records,
         notes=ctx.notes,
+        float_layers=float_layers,
     )
     leaf_paths = sorted(
         {m for m in leaf_modules if isinstance(m, str)}
@@ -151,6 +172,37 @@ def _prepare(
     return qmodel
 
 
+# Layers with weights fxquant has no quantized form for (yet): they run in float and the report says so.
+_UNSUPPORTED = (nn.RNNBase, nn.MultiheadAttention, nn.Embedding, nn.EmbeddingBag, nn.Bilinear)
+
+
+def _float_layers(model: nn.Module, quantized: set[str], opaque: dict[str, str]) -> dict[str, str]:
+    """Every conv/linear not quantized and every layer of an unsupported type, with the reason (the nearest
+    opaque module's, or the type's); a float module's own children are not listed again."""
+    found: dict[str, str] = {}
+    for path, module in model.named_modules():
+        if not path or path in quantized or any(path.startswith(f"{f}.") for f in found):
+            continue
+        if not (is_quantizable_module(module) or isinstance(module, _UNSUPPORTED)):
+            continue
+        holder = next((p for p in _ancestors(path) if p in opaque), None)
+        if holder == path:
+            found[path] = opaque[path]
+        elif holder is not None:
+            found[path] = f"inside {holder or '<root>'}: {opaque[holder]}"
+        elif isinstance(module, _UNSUPPORTED):
+            found[path] = f"fxquant has no quantized {type(module).__name__}; it runs in float"
+        else:
+            found[path] = "not called as a layer by the traced graph (its weights are used directly), kept float"
+    return found
+
+
+def _ancestors(path: str) -> list[str]:
+    """``a.b.c`` → [``a.b.c``, ``a.b``, ``a``, ````] (nearest first)."""
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), -1, -1)]
+
+
 def _check_recipe_fits(recipe: Recipe, ctx: PassContext) -> None:
     """Rules, taps and plan entries that match nothing in this model are recipe errors."""
     names = sorted({f"{r.name} ({r.op})" for r in ctx.layers.values()})
@@ -160,14 +212,58 @@ def _check_recipe_fits(recipe: Recipe, ctx: PassContext) -> None:
         raise RecipeError(recipe.source, f"{unmatched[0].key_path}.match", f"matches no layer; layers: {shown}")
     empty = [name for name in recipe.features.taps if not ctx.tap_matches.get(name)]
     if empty:
-        selector = recipe.features.taps[empty[0]]
+        key = recipe.features.declared_by.get(empty[0], f"taps.{empty[0]}")
+        written = _value_at(recipe.toml, key)
         raise RecipeError(
             recipe.source,
-            recipe.features.declared_by.get(empty[0], "taps"),
-            f"tap selector {selector!r} matches nothing in this model; quantized layers: {shown}",
+            key,
+            f"selector {written if written is not None else recipe.features.taps[empty[0]]!r} matches nothing "
+            f"in this model; quantized layers: {shown}",
         )
     if recipe.bit_plan is not None:
-        try:
-            check_plan_layers(recipe.bit_plan, {r.name for r in ctx.layers.values()})
-        except Exception as err:
-            raise RecipeError(recipe.bits.plan or recipe.source, "bits", str(err)) from None
+        names = {r.name for r in ctx.layers.values()}
+        unknown = [name for name in recipe.bit_plan if name not in names]
+        if unknown:
+            # the plan file names the layer (a [bits] plan), or the recipe's own [bits.layers]
+            source, key = (recipe.bits.plan, "plan") if recipe.bits.plan else (recipe.source, "bits.layers")
+            raise RecipeError(
+                source,
+                f"{key}.{quote_key(unknown[0])}",
+                f"no layer of that name in this model; layers: {shown}",
+                closest(unknown[0], names),
+            )
+
+
+def _value_at(table: Any, key_path: str) -> Any:
+    """The value at ``loss[1].layers`` in a raw recipe table, or None."""
+    for part in key_path.replace("[", ".[").split("."):
+        if part.startswith("[") and isinstance(table, list):
+            index = int(part.strip("[]"))
+            table = table[index] if index < len(table) else None
+        elif isinstance(table, dict):
+            table = table.get(part)
+        else:
+            return None
+    return table
+
+
+def _check_leaf_modules(model: nn.Module, recipe: Recipe, leaf_modules: Sequence[str | type[nn.Module]]) -> None:
+    """Leaf module paths must name modules of this model: the recipe's are RecipeErrors at their key."""
+    known = [name for name, _ in model.named_modules() if name]
+    for i, path in enumerate(recipe.quant.leaf_modules):
+        if path not in known:
+            raise RecipeError(
+                recipe.source,
+                f"quant.leaf_modules[{i}]",
+                f"{type(model).__name__} has no module {path!r}",
+                closest(path, known),
+            )
+    for path in leaf_modules:
+        if not isinstance(path, (str, type)):
+            raise PrepareError(f"leaf_modules holds module paths or types, got {type(path).__name__}")
+        if isinstance(path, str) and path not in known:
+            hint = closest(path, known)
+            raise PrepareError(
+                f"leaf_modules: {type(model).__name__} has no module {path!r}"
+                + (f" (did you mean {hint!r}?)" if hint else "")
+            )

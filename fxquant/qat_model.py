@@ -59,6 +59,8 @@ class PrepareReport:
     passes: list[PassRecord]
     notes: list[str] = field(default_factory=list)
     costs: dict[str, Any] | None = None  # layer name -> fxquant.search.cost.LayerCost, with example inputs
+    # every layer with weights that stays float, and why (opaque code, an unsupported type, leaf_modules)
+    float_layers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -192,14 +192,18 @@ def summary(qmodel: QATModel, example_inputs: Any = None, format: str = "rich") 
     ]
     if opaque:
         parts.append(tabulate(opaque, headers=["kept opaque (float)", "reason"], tablefmt=fmt))
+    floating = sorted(qmodel.report.float_layers.items())
+    if floating:
+        parts.append(tabulate(floating, headers=["layer left in float", "reason"], tablefmt=fmt))
     text = "\n\n".join(parts) + "\n"
     if format == "rich":
-        _print_rich(qmodel, rows, totals, opaque)
+        _print_rich(qmodel, rows, totals, opaque, floating)
     return text
 
 
-def _print_rich(qmodel: QATModel, rows: list[SummaryRow], totals: dict[str, Any], opaque: list) -> None:
+def _print_rich(qmodel: QATModel, rows: list[SummaryRow], totals: dict[str, Any], opaque: list, floating: list) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
@@ -217,10 +221,11 @@ def _print_rich(qmodel: QATModel, rows: list[SummaryRow], totals: dict[str, Any]
     for cells in _total_rows(totals):
         totals_table.add_row(*cells)
     console.print(totals_table)
-    if opaque:
-        opaque_table = Table(title="kept opaque (float)")
-        opaque_table.add_column("module")
-        opaque_table.add_column("reason")
-        for path, reason in opaque:
-            opaque_table.add_row(path or "<root>", reason)
-        console.print(opaque_table)
+    for title, entries in (("kept opaque (float)", opaque), ("layers left in float", floating)):
+        if entries:
+            listing = Table(title=title)
+            listing.add_column("module")
+            listing.add_column("reason")
+            for path, reason in entries:  # reasons quote error texts: never read them as markup
+                listing.add_row(escape(path or "<root>"), escape(reason))
+            console.print(listing)

@@ -17,6 +17,7 @@ The result is a set of *pieces*: graph modules, each at a module path ("" when t
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +72,13 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}"[:300]
 
 
+def _reason(err: BaseException) -> str:
+    """Why a module is opaque, for the report."""
+    if isinstance(err, ModeDependentForward):
+        return str(err)
+    return f"its forward cannot be traced ({_describe(err)})"
+
+
 def _has_quantizable(module: nn.Module) -> bool:
     return any(is_quantizable_module(m) for m in module.modules())
 
@@ -92,6 +100,11 @@ def trace_with_leaves(
         tracer = _FallbackTracer(leaves, leaf_types)
         try:
             graph = tracer.trace(root, concrete_args=concrete_args)
+            # A forward that branches on self.training is traced with the branch taken now (train mode) baked
+            # in: trace the eval-mode forward too and treat the modules whose code differs like untraceable ones
+            dependent = _mode_dependent(root, graph, leaves, leaf_types, concrete_args)
+            if dependent is not None:
+                raise dependent
         except Exception as err:
             path = getattr(err, "_fxquant_module", "")
             if not path or path in leaves:
@@ -103,6 +116,77 @@ def trace_with_leaves(
         name = type(root).__name__
         return fx.GraphModule(tracer.root, graph, name), failed
     raise RuntimeError(f"gave up tracing {type(root).__name__} after {_MAX_RETRIES} fallbacks")
+
+
+class ModeDependentForward(Exception):
+    """A forward computes differently in train and eval mode (it reads ``self.training``), so one trace cannot
+    stand for both. Tagged with the module whose own code branches, like a tracing error."""
+
+
+def _signature(graph: fx.Graph) -> list[tuple[str, str, str, tuple[str, ...]]]:
+    """Each node as (op, target, constant arguments, module path of the code that made it), with other nodes
+    written as ``%`` so that two traces compare by what they compute, not by node names."""
+
+    def constants(value: Any) -> str:
+        return repr(fx.node.map_arg(value, lambda _: "%"))
+
+    rows = []
+    for node in graph.nodes:
+        stack = list((node.meta.get("nn_module_stack") or {}).values())
+        if node.op == "call_module" and stack:
+            stack = stack[:-1]  # the call is made by the calling module's code, not the callee's
+        owner = stack[-1][0] if stack else ""
+        target = node.target if isinstance(node.target, str) else getattr(node.target, "__qualname__", str(node.target))
+        rows.append((node.op, target, constants((node.args, node.kwargs)), (owner,)))
+    return rows
+
+
+def _mode_dependent(
+    root: nn.Module,
+    train_graph: fx.Graph,
+    leaves: set[str],
+    leaf_types: tuple[type, ...],
+    concrete_args: dict[str, Any] | None,
+) -> ModeDependentForward | None:
+    """None when ``root`` traces to the same graph in eval mode; else the error naming the module whose code
+    differs (the root itself when its own forward branches)."""
+    modes = {name: m.training for name, m in root.named_modules()}
+    try:
+        root.eval()
+        eval_graph = _FallbackTracer(leaves, leaf_types).trace(root, concrete_args=concrete_args)
+    finally:
+        for name, m in root.named_modules():
+            m.training = modes[name]
+    train_rows, eval_rows = _signature(train_graph), _signature(eval_graph)
+    if train_rows == eval_rows:
+        return None
+    owners: set[str] = set()
+    matcher = difflib.SequenceMatcher(a=train_rows, b=eval_rows, autojunk=False)
+    for tag, a0, a1, b0, b1 in matcher.get_opcodes():
+        if tag != "equal":
+            owners |= {row[3][0] for row in train_rows[a0:a1] + eval_rows[b0:b1]}
+    known = {name for name, _ in root.named_modules()}
+    owner = min((o for o in owners if o in known), key=lambda o: (o.count("."), o), default="")
+    error = ModeDependentForward(
+        f"{type(root.get_submodule(owner)).__name__}.forward reads self.training (train and eval mode compute "
+        "differently), so it runs as written, not as a traced graph"
+    )
+    error._fxquant_module = owner
+    return error
+
+
+class _ChildrenAsLeaves(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return "." not in module_qualified_name
+
+
+def _called_children(module: nn.Module) -> set[str] | None:
+    """The direct children ``module``'s forward calls (None when that forward cannot be traced to find out)."""
+    try:
+        graph = _ChildrenAsLeaves().trace(module)
+    except Exception:
+        return None
+    return {str(node.target).split(".")[0] for node in graph.nodes if node.op == "call_module"}
 
 
 def trace_model(
@@ -151,7 +235,7 @@ def trace_model(
         except Exception as err:
             if result.first_failure is None:
                 result.first_failure = (path, err)
-            result.opaque[path] = f"its forward cannot be traced ({_describe(err)})"
+            result.opaque[path] = _reason(err)
             enter(module, path)
             return
         result.pieces[path] = gm
@@ -159,14 +243,23 @@ def trace_model(
             full = f"{path}.{sub}" if path else sub
             if result.first_failure is None:
                 result.first_failure = (full, err)
-            result.opaque[full] = f"its forward cannot be traced ({_describe(err)})"
+            result.opaque[full] = _reason(err)
             enter(module.get_submodule(sub), full)
 
     def enter(module: nn.Module, path: str) -> None:
         if isinstance(module, _DO_NOT_ENTER):
             return
+        called = _called_children(module)
         for name, child in module.named_children():
             child_path = f"{path}.{name}" if path else name
+            if called is not None and name not in called:
+                # its parameters are read by the opaque forward itself (F.linear(x, self.qkv.weight)): a
+                # quantized copy of the child would never run
+                if _has_quantizable(child):
+                    result.opaque.setdefault(
+                        child_path, f"its weights are used directly by {type(module).__name__}.forward, kept float"
+                    )
+                continue
             if child_path in leaf_paths or (leaf_types and isinstance(child, leaf_types)):
                 continue
             if not _has_quantizable(child):

@@ -133,7 +133,9 @@ def test_bits_change_at_run_time_without_retracing():
     assert wq.bits == 2 and all(q.bits == 3 for q in aqs)
     assert qmodel.graph_module.code == code
     misspelt = {"extends": "lsq_w4a4", "bits": {"layers": {"layer1.0.conv": {"weight": 2}}}}
-    with pytest.raises(fxquant.RecipeError, match=r"bits: .*did you mean 'layer1\.0\.conv"):
+    with pytest.raises(
+        fxquant.RecipeError, match=r"bits\.layers\.\"layer1\.0\.conv\": no layer.*did you mean 'layer1\.0\.conv2"
+    ):
         fxquant.prepare_qat(resnet(), misspelt)
 
 

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxquant
+from fxquant.cli import main as cli_main
 from fxquant.deploy import compare, convert, export_onnx
 from fxquant.deploy.ops import pack, unpack
 from fxquant.models import resnet20
@@ -166,7 +167,7 @@ def test_cli_export_prints_the_table(tmp_path, capsys):
     torch.manual_seed(0)
     qmodel = _trained(resnet20(), "lsq_w4a4", torch.randn(8, 1, 28, 28))
     fxquant.save(qmodel, tmp_path / "ck.pt")
-    code = fxquant.cli.main(
+    code = cli_main(
         ["export", "--model", "resnet20", "--checkpoint", str(tmp_path / "ck.pt"), "--out", str(tmp_path / "m.onnx")]
     )
     out = capsys.readouterr().out

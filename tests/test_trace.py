@@ -78,8 +78,10 @@ def test_leaf_modules_stay_float():
 
 
 def test_unknown_leaf_module_suggests_a_name():
-    with pytest.raises(TraceError, match="did you mean 'stem'"):
+    with pytest.raises(fxquant.PrepareError, match="did you mean 'stem'"):
         fxquant.prepare_qat(Net(), "lsq_w4a4", leaf_modules=["stme"])
+    with pytest.raises(fxquant.RecipeError, match=r"quant\.leaf_modules\[0\]: .*did you mean 'stem'"):
+        fxquant.prepare_qat(Net(), "lsq_w4a4", quant={"leaf_modules": ["stme"]})
 
 
 class FunctionalOnly(nn.Module):

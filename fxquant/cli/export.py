@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         "activations by width", ", ".join(f"{b} bits: {n}" for b, n in sorted(report.activation_widths.items()))
     )
     table.add_row("BN folded into weight scales", str(report.folded_batch_norms))
-    inputs = torch.randn(32, *shape[1:])
+    inputs = torch.randn(32, *args.input[1:])
     for parity in compare(report.path, convert(qmodel), inputs):
         table.add_row(
             f"onnxruntime {parity.level} vs PyTorch (32 random inputs)",

@@ -286,6 +286,7 @@ def load_recipe(recipe: str | os.PathLike | Recipe | dict[str, Any], overrides: 
         parse(Recipe, overrides, Where(label))  # blame the overrides for their own mistakes
         data = merge(data, overrides)
         layers = [*layers, _Layer(label, overrides)]
+        source = f"{source} (with overrides)"
     return _build(data, source, path, layers)
 
 
