@@ -94,6 +94,7 @@ def fit(
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     trained = nn.parallel.DistributedDataParallel(model) if info.enabled else model
     step = TrainStep(trained, optimizer, criterion)
+    step.total_epochs = float(config.epochs)
     selector, train_loader = _coreset(model, recipe, train_data, train_loader, config, seed, info)
     scorer = _coreset_teacher(model, step) if selector is not None else None
     history: list[EpochRecord] = []
@@ -127,6 +128,7 @@ def fit(
                     scoring,
                     int(seen),
                     refresh,
+                    totals.means(),  # this process's means (diagnostics, not reduced across ranks)
                 )
             )
             if bar and result["top1"] is not None:

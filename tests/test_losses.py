@@ -22,6 +22,7 @@ from fxquant.train.losses import (
     mec_moe_loss,
     sigmoid_rampup,
 )
+from fxquant.train.losses.mec import standardize
 
 seeds = st.integers(0, 10_000)
 
@@ -93,7 +94,40 @@ def test_mec_series_converges_to_the_log_det(seed, m, d):
     lam = 0.5 / float(torch.linalg.eigvalsh(zn @ zn.T).max())
     eps2 = d / (m * lam)
     exact = -(m + d) / 2 * torch.logdet(torch.eye(m, dtype=torch.float64) + lam * zn @ zn.T) / m
-    assert float(mec_loss(z, z, eps2, order=60)) == pytest.approx(float(exact), rel=1e-6, abs=1e-9)
+    value = mec_loss(z, z, eps2, order=60, scale="mu", standardized=False)
+    assert float(value) == pytest.approx(float(exact), rel=1e-6, abs=1e-9)
+    # the reference's scaling: the same series times λ⁻¹ instead of μ
+    scaled = mec_loss(z, z, eps2, order=60, scale="lambda_inv", standardized=False)
+    assert float(scaled) == pytest.approx(float(exact) / ((m + d) / 2) / lam, rel=1e-6, abs=1e-9)
+
+
+@given(seed=seeds, m=st.integers(4, 24), d=st.integers(2, 24))
+def test_mec_first_order_term_is_minus_the_mean_cosine_of_standardised_features(seed, m, d):
+    """As the reference scales it, MEC's first-order term is −mean cos(z₁ᵢ, z₂ᵢ), features centred and scaled
+    per dimension over the batch exactly as BatchNorm1d(affine=False) in training mode does."""
+    torch.manual_seed(seed)
+    z1, z2 = torch.randn(m, d, dtype=torch.float64) + 3, torch.randn(m, d, dtype=torch.float64) + 3
+    bn = torch.nn.BatchNorm1d(d, affine=False, eps=1e-5).double().train()
+    torch.testing.assert_close(standardize(z1), bn(z1))
+    a, b = torch.nn.functional.normalize(bn(z1), dim=1), torch.nn.functional.normalize(bn(z2), dim=1)
+    expected = -(a * b).sum(1).mean()
+    assert float(mec_loss(z1, z2, order=1)) == pytest.approx(float(expected), rel=1e-9, abs=1e-12)
+
+
+def test_mec_reports_its_gradient_against_the_cross_entropys():
+    """``mec.grad_ratio``: the MEC term's gradient norm at the tapped features over the cross-entropy's; it
+    scales with the loss weight (so it measures the term, not noise)."""
+    torch.manual_seed(0)
+    base = resnet20()
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    ratios = {}
+    for weight in (0.5, 1.0):
+        qmodel = fxquant.prepare_qat(base, "mec_w4a4", loss=[{"kind": "mec", "tap": "features", "weight": weight}])
+        step = fxquant.TrainStep(qmodel, torch.optim.SGD(qmodel.parameters(), lr=0.0))
+        torch.manual_seed(1)  # the same strong view for both
+        ratios[weight] = step(x, y)["mec.grad_ratio"]
+    assert math.isfinite(ratios[0.5]) and ratios[0.5] > 0
+    assert ratios[1.0] == pytest.approx(2 * ratios[0.5], rel=1e-4)
 
 
 def test_mec_uses_the_smaller_product_and_experts_reduce_to_mec():
@@ -221,3 +255,32 @@ def test_ema_teacher_warms_up_to_the_mean_of_the_iterates(warmup):
         loss.after_step(student)
     reference = torch.stack(iterates).mean(0) if warmup else expected
     torch.testing.assert_close(loss.ema.weight, reference)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_ema_teacher_keeps_its_own_bn_statistics_in_train_mode(mode):
+    """Mean Teacher: the EMA model runs in train mode, its BN layers normalise with its own batch statistics and
+    keep their own running averages; ``ema_mode = "eval"`` runs it in eval mode with the student's copied."""
+    torch.manual_seed(0)
+    recipe = {"extends": "cr_w4a4", "loss": [{"kind": "consistency", "teacher": "ema", "ema_mode": mode}]}
+    qmodel = fxquant.prepare_qat(resnet20(), recipe, torch.randn(2, 1, 28, 28))
+    step = fxquant.TrainStep(qmodel, torch.optim.SGD(qmodel.parameters(), lr=0.01))
+    for _ in range(2):
+        metrics = step(torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,)))
+    (loss,) = step.losses
+    assert loss.ema.training is (mode == "train")
+    student_mean = dict(qmodel.named_buffers())["model.bn1.running_mean"]
+    teacher_mean = dict(loss.ema.named_buffers())["model.bn1.running_mean"]
+    assert torch.equal(student_mean, teacher_mean) is (mode == "eval")
+    assert 0 <= metrics["consistency.teacher_acc"] <= 1 and 0 <= metrics["consistency.student_acc"] <= 1
+
+
+def test_consistency_views_can_be_swapped():
+    from fxquant.config import ConsistencyConfig
+    from fxquant.train.losses.consistency import ConsistencyLoss
+
+    default = ConsistencyLoss(ConsistencyConfig())
+    swapped = ConsistencyLoss(ConsistencyConfig(strong_view="student"))
+    assert (default.student_views, default.teacher_views) == ((0,), (1,))
+    assert (swapped.student_views, swapped.teacher_views) == ((0, 1), (0,))  # view 0 still feeds the CE
+    assert (swapped.student_view, swapped.teacher_view) == (1, 0)

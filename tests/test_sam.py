@@ -23,7 +23,9 @@ class Net(torch.nn.Module):
 
 
 def _prepared(perturb, adaptive=False):
-    recipe = {"extends": "lsq_w4a4", "optim": {"sam": {"rho": 0.1, "perturb": perturb, "adaptive": adaptive}}}
+    # weights only (the manual computation below perturbs weights): SAQ's defaults also perturb BN and steps
+    sam = {"rho": 0.1, "perturb": perturb, "adaptive": adaptive, "perturb_bn": False, "perturb_steps": False}
+    recipe = {"extends": "lsq_w4a4", "optim": {"sam": sam}}
     qmodel = fxquant.prepare_qat(Net(), recipe)
     x = torch.randn(16, 6)
     qmodel(x)  # initialise quantizers
@@ -91,7 +93,9 @@ def test_one_sam_step_equals_the_manual_two_pass_computation(perturb, adaptive):
     x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
     optimizer = torch.optim.SGD(qmodel.parameters(), lr=0.1)
     step = fxquant.TrainStep(qmodel, optimizer)
-    assert step.sam is not None and step.sam.config == SAMConfig(rho=0.1, perturb=perturb, adaptive=adaptive)
+    assert step.sam is not None and step.sam.config == SAMConfig(
+        rho=0.1, perturb=perturb, adaptive=adaptive, perturb_bn=False, perturb_steps=False
+    )
     step(x, y)
     _manual_step(manual, x, y, 0.1, perturb, adaptive, lr=0.1)
     for (name, a), b in zip(qmodel.named_parameters(), manual.parameters()):

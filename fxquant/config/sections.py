@@ -183,6 +183,15 @@ class ConsistencyConfig(LossConfig):
     teacher: str = setting("ema", choices=("ema", "fp"), doc="EMA of the student, or the FP model")
     ema_decay: float = setting(0.999, check=open_unit)
     ema_warmup: bool = setting(True, doc="decay min(ema_decay, 1 − 1/(t+1)) at step t, as Mean Teacher")
+    ema_mode: str = setting(
+        "train",
+        choices=("train", "eval"),
+        doc="the EMA teacher runs in train mode with its own BN statistics (Mean Teacher), or in eval mode with "
+        "the student's statistics copied every step (fxquant before 0.3)",
+    )
+    strong_view: str = setting(
+        "teacher", choices=("teacher", "student"), doc="which network sees the strongly augmented view"
+    )
     T: float = setting(1.0, check=positive, doc="temperature of the logit KL")
     logits: bool = setting(True, doc="KL between softened logits")
     tap: str | None = setting(None, doc="a tap name or selector for an extra feature MSE")
@@ -225,7 +234,19 @@ class MECConfig(LossConfig):
     eps2: float = setting(64.0, check=positive, doc="distortion ε²")
     order: int = setting(4, check=positive, doc="Taylor order K")
     experts: int = setting(1, check=positive, doc="channel-group experts (1 = plain MEC)")
-    lambda_warmup_epochs: float = setting(1.0, check=non_negative, doc="λ⁻¹ from 8/λ to 1/λ")
+    lambda_warmup: float = setting(
+        0.1, check=probability, doc="fraction of the run over which λ⁻¹ goes from 8/λ to 1/λ (reference: 10%)"
+    )
+    scale: str = setting(
+        "lambda_inv",
+        choices=("lambda_inv", "mu"),
+        doc="multiply the coding-length series by λ⁻¹ (reference: first-order term = mean cosine) or by μ",
+    )
+    features: str = setting(
+        "standardize",
+        choices=("standardize", "raw"),
+        doc="code batch-standardised features (the reference's projector ends in BN without affine) or raw ones",
+    )
 
     def taps(self) -> dict[str, str]:
         return {self.tap: self.tap}
@@ -244,9 +265,10 @@ class SAMConfig(Section):
     rho: float = setting(0.05, check=positive, doc="neighbourhood radius")
     adaptive: bool = setting(False, doc="ASAM's scale-invariant neighbourhood")
     perturb: str = setting("quantized", choices=("quantized", "latent"), doc="where ε is added (SAQ: quantized)")
-    perturb_bn: bool = setting(False, doc="also perturb BN affine parameters")
-    perturb_steps: bool = setting(False, doc="also perturb activation quantizer steps")
-    update_bn_in_second_pass: bool = setting(False, doc="let BN running statistics update in the second pass")
+    # SAQ's own defaults (include_bn, include_aclip on; BN statistics update in both passes)
+    perturb_bn: bool = setting(True, doc="also perturb BN affine parameters")
+    perturb_steps: bool = setting(True, doc="also perturb activation quantizer steps")
+    update_bn_in_second_pass: bool = setting(True, doc="let BN running statistics update in the second pass")
 
 
 @dataclass(frozen=True)

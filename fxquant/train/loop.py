@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -57,6 +57,7 @@ class EpochRecord:
     scoring_seconds: float = 0.0  # coreset scoring before this epoch (not in ``seconds``)
     train_samples: int = 0
     coreset: Any = None  # the fxquant.train.coreset.Refresh made before this epoch, if any
+    metrics: dict[str, float] = field(default_factory=dict)  # epoch means of the step metrics (loss terms, ...)
 
 
 class TrainingDiverged(FxQuantError):
@@ -97,6 +98,10 @@ class EpochTotals:
     loss_sum: float = 0.0
     acc_sum: float = 0.0
     seconds: float = 0.0
+    metric_sums: dict[str, float] = field(default_factory=dict)  # every step metric, summed × batch size
+
+    def means(self) -> dict[str, float]:
+        return {name: total / max(self.seen, 1) for name, total in self.metric_sums.items()}
 
 
 def run_epoch(
@@ -129,6 +134,8 @@ def run_epoch(
                 "[train] lr."
             )
         totals.seen += len(y)
+        for name, value in metrics.items():
+            totals.metric_sums[name] = totals.metric_sums.get(name, 0.0) + value * len(y)
         totals.loss_sum += metrics["loss"] * len(y)
         totals.acc_sum += metrics["acc"] * len(y)
         if bar is not None and task is not None:

@@ -9,8 +9,9 @@ gradient is what the optimizer applies; every perturbation is undone before the 
 * ``perturb = "latent"``: plain SAM on the latent weights w (ε = ρ·g/‖g‖ with g = ∂L/∂w), restored after.
 * ``adaptive = true`` (ASAM): ε = ρ·T²g/‖Tg‖ with T = |w| (|Q(w)| in quantized mode), elementwise.
 * ``perturb_bn`` / ``perturb_steps``: also perturb batch-norm affine parameters / activation quantizer steps
-  (as latent parameters) in the same ascent step. Off by default.
-* ``update_bn_in_second_pass = false`` (default): the second pass leaves BN running statistics untouched.
+  (as latent parameters) in the same ascent step. On by default, as SAQ's `include_bn`/`include_aclip`.
+* ``update_bn_in_second_pass`` (default true, as SAQ's code): false leaves BN running statistics untouched by the
+  second pass.
 
 Example usage::
 

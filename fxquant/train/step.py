@@ -86,6 +86,7 @@ class TrainStep:
         self.teacher = build_teacher(self.student, float_model, self.losses)
         self.extra_losses = list(extra_losses)
         self.progress = 0.0
+        self.total_epochs = 1.0  # the run's length (fit sets it): warm-ups given as a fraction of the run
         self.views = 1 + max((v for loss in self.losses for v in (*loss.student_views, *loss.teacher_views)), default=0)
         self.sam = SAM(self.student, recipe.sam) if recipe is not None and recipe.sam is not None else None
 
@@ -125,7 +126,7 @@ class TrainStep:
                             if (loss.teacher_kind, v) not in teachers:
                                 teachers[(loss.teacher_kind, v)] = self._forward(model, views[v])
             terms = {"ce": self.criterion(out, y)}
-            inputs = LossInputs(y, forwards, teachers, self.progress)
+            inputs = LossInputs(y, forwards, teachers, self.progress, self.total_epochs)
             for loss in self.losses:
                 terms.update(loss(inputs))
             for extra in self.extra_losses:
@@ -149,6 +150,8 @@ class TrainStep:
         metrics = {name: float(value.detach()) for name, value in terms.items()}
         metrics["loss"] = float(total.detach())
         metrics["acc"] = float((logits.detach().argmax(1) == y).float().mean())
+        for loss in self.losses:
+            metrics.update({f"{loss.name}.{key}": value for key, value in loss.diagnostics.items()})
         return metrics
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fxquant.config.sections import LossConfig
@@ -28,6 +29,25 @@ def sigmoid_rampup(progress: float, length: float) -> float:
     return math.exp(-5.0 * (1.0 - t) ** 2)
 
 
+def feature_gradient_ratio(term: torch.Tensor, inputs: LossInputs, feature: torch.Tensor) -> float:
+    """‖∂term/∂f‖ / ‖∂CE/∂f‖ at the features ``f`` the term reads (view 0's cross-entropy): how strongly an
+    auxiliary term pulls compared with the task loss. NaN when there is no gradient to compare (no grad mode).
+
+    The student's views run as one batch and each view's features are a slice of it, so both gradients are
+    taken at that joint tensor (the slice's base), where the cross-entropy's gradient path also passes.
+    """
+    at = feature._base if feature._base is not None else feature
+    logits = inputs.student[0].logits
+    if not (term.requires_grad and at.requires_grad and logits.requires_grad):
+        return float("nan")
+    ce = F.cross_entropy(logits, inputs.y)
+    (own,) = torch.autograd.grad(term, at, retain_graph=True, allow_unused=True)
+    (task,) = torch.autograd.grad(ce, at, retain_graph=True, allow_unused=True)
+    if own is None or task is None:
+        return float("nan")
+    return float(own.norm() / task.norm().clamp_min(1e-12))
+
+
 @dataclass
 class Forward:
     """One model's outputs on one view: logits and a snapshot of its tap store."""
@@ -45,6 +65,7 @@ class LossInputs:
     student: dict[int, Forward]
     teachers: dict[tuple[str, int], Forward]
     progress: float = 0.0
+    total: float = 1.0  # the run's length in epochs (warm-ups given as a fraction of the run use it)
 
 
 class AuxLoss(Generic[C]):
@@ -61,6 +82,9 @@ class AuxLoss(Generic[C]):
     def __init__(self, config: C, name: str | None = None):
         self.config = config
         self.name = name or config.kind
+        # numbers about the last step that are not loss terms (a teacher's accuracy, a gradient ratio); the
+        # training step reports them as ``<name>.<key>`` metrics
+        self.diagnostics: dict[str, float] = {}
 
     @property
     def kind(self) -> str:

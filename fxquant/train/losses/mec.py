@@ -5,6 +5,13 @@ L2-normalised features (m samples × d dims), μ = (m + d)/2, λ = d/(m·ε²), 
 tr(Σ_{k=1..K} (−1)^{k+1}/k · (λ Z₁Z₂ᵀ)^k) and divided by m. Since tr((Z₁Z₂ᵀ)^k) = tr((Z₂ᵀZ₁)^k), the series
 runs on whichever of the m×m and d×d products is smaller: O(m·d·min(m, d)) time.
 
+As the authors' code (xinliu20/MEC) does, and by default: the series is scaled by λ⁻¹ rather than μ (so its
+first-order term is the mean cosine between the views, O(1) whatever m and d), the coded features are centred
+and standardised per dimension over the batch (the reference's projector ends in BatchNorm without affine), and
+λ⁻¹ warms up from 8/λ to 1/λ over the first 10% of the run (the reference: 10 of 100 epochs). The earlier form
+(μ scaling, raw post-ReLU features) stays as ``scale = "mu"``, ``features = "raw"``. The reference's learned
+projector and EMA teacher are not used: MEC-Quant codes the student's own features on two views.
+
 Mixture of experts (our reading: MEC-Quant's details were not available): the d channels are split into E
 groups ("experts"), each L2-normalised and coded on its own (its own μ_e, λ_e), and the coding lengths are
 combined with equal gate weights 1/E. Each expert's series runs on d/E × d/E matrices, so the cost falls from
@@ -19,22 +26,43 @@ import torch.nn.functional as F
 
 from fxquant.config.sections import MECConfig
 
-from .base import AuxLoss, LossInputs
+from .base import AuxLoss, LossInputs, feature_gradient_ratio
 
 
-def mec_loss(z1: torch.Tensor, z2: torch.Tensor, eps2: float = 64.0, order: int = 4, lambda_scale: float = 1.0):
-    """−μ·tr(Σ_{k≤K} (−1)^{k+1}/k (λ Z₁Z₂ᵀ)^k) / m for features (m, d) (normalised here along d).
+def standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Each feature dimension centred and scaled to unit variance over the batch: BatchNorm1d without affine in
+    training mode, what the reference's projector ends in. Post-ReLU features are all positive, so uncentred
+    their cosine similarities sit near 1 and λZ₁Z₂ᵀ has a spectral radius near its maximum, about 0.8 here,
+    against about 0.01 once centred."""
+    z = z.flatten(1)
+    return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + eps)
 
-    ``lambda_scale`` multiplies λ (the warm-up uses 1/8 → 1).
+
+def mec_loss(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    eps2: float = 64.0,
+    order: int = 4,
+    lambda_scale: float = 1.0,
+    scale: str = "lambda_inv",
+    standardized: bool = True,
+) -> torch.Tensor:
+    """The negative coding length of features (m, d) of two views, by its Taylor series of order ``order``.
+
+    With ``scale = "lambda_inv"`` (the reference's): −λ⁻¹·tr(Σ_k (−1)^{k+1}/k (λZ₁Z₂ᵀ)^k)/m, whose first-order
+    term is minus the mean cosine between the views; ``"mu"``: the series times μ = (m + d)/2 instead.
+    ``lambda_scale`` multiplies λ (the warm-up runs it 1/8 → 1); features are L2-normalised here, after batch
+    standardisation when ``standardized``.
 
     Example usage::
 
         loss = mec_loss(features_view1, features_view2)
     """
+    if standardized:
+        z1, z2 = standardize(z1), standardize(z2)
     z1 = F.normalize(z1.flatten(1), dim=1)
     z2 = F.normalize(z2.flatten(1), dim=1)
     m, d = z1.shape
-    mu = (m + d) / 2
     lam = lambda_scale * d / (m * eps2)
     c = lam * (z1 @ z2.T if m <= d else z2.T @ z1)
     power = c
@@ -42,11 +70,19 @@ def mec_loss(z1: torch.Tensor, z2: torch.Tensor, eps2: float = 64.0, order: int 
     for k in range(2, order + 1):
         power = power @ c
         series = series + (-1) ** (k + 1) / k * torch.diagonal(power).sum()
-    return -mu * series / m
+    factor = 1.0 / lam if scale == "lambda_inv" else (m + d) / 2
+    return -factor * series / m
 
 
 def mec_moe_loss(
-    z1: torch.Tensor, z2: torch.Tensor, experts: int, eps2: float = 64.0, order: int = 4, lambda_scale: float = 1.0
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    experts: int,
+    eps2: float = 64.0,
+    order: int = 4,
+    lambda_scale: float = 1.0,
+    scale: str = "lambda_inv",
+    standardized: bool = True,
 ) -> torch.Tensor:
     """MEC over ``experts`` channel groups, each coded separately, averaged with equal gate weights.
 
@@ -58,26 +94,32 @@ def mec_moe_loss(
     if experts > z1.shape[1]:
         raise ValueError(f"{experts} experts for {z1.shape[1]} feature channels: at most one expert per channel")
     groups = zip(torch.tensor_split(z1, experts, dim=1), torch.tensor_split(z2, experts, dim=1))
-    return sum(mec_loss(a, b, eps2, order, lambda_scale) for a, b in groups) / experts
+    return sum(mec_loss(a, b, eps2, order, lambda_scale, scale, standardized) for a, b in groups) / experts
 
 
 class MECLoss(AuxLoss[MECConfig]):
-    """Recipe ``kind = "mec"``: the student on two views; coding length of the tapped features."""
+    """Recipe ``kind = "mec"``: the student on two views; coding length of the tapped features. Its diagnostics
+    report ``grad_ratio``: the norm of this term's gradient at the features over the cross-entropy's, so a user
+    sees whether the regulariser acts at all."""
 
     student_views = (0, 1)
     teacher_views = ()
 
-    def lambda_scale(self, progress: float) -> float:
-        """λ's multiplier: 1/8 → 1 over ``lambda_warmup_epochs`` (λ⁻¹ from 8/λ to 1/λ)."""
-        warmup = self.config.lambda_warmup_epochs
+    def lambda_scale(self, progress: float, total: float) -> float:
+        """λ's multiplier: 1/8 → 1 over the first ``lambda_warmup`` of the run (λ⁻¹ from 8/λ to 1/λ, linear)."""
+        warmup = self.config.lambda_warmup * total
         t = 1.0 if warmup <= 0 else min(max(progress, 0.0) / warmup, 1.0)
         return 1.0 / (8.0 - 7.0 * t)
 
     def compute(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
         tap = self.config.tap
         z1, z2 = inputs.student[0].taps[tap], inputs.student[1].taps[tap]
-        scale = self.lambda_scale(inputs.progress)
+        lambda_scale = self.lambda_scale(inputs.progress, inputs.total)
         c = self.config
+        standardized = c.features == "standardize"
         if c.experts == 1:
-            return {"": mec_loss(z1, z2, c.eps2, c.order, scale)}
-        return {"": mec_moe_loss(z1, z2, c.experts, c.eps2, c.order, scale)}
+            value = mec_loss(z1, z2, c.eps2, c.order, lambda_scale, c.scale, standardized)
+        else:
+            value = mec_moe_loss(z1, z2, c.experts, c.eps2, c.order, lambda_scale, c.scale, standardized)
+        self.diagnostics = {"grad_ratio": feature_gradient_ratio(value * self.weight_at(inputs.progress), inputs, z1)}
+        return {"": value}
