@@ -21,6 +21,7 @@ standard error sqrt(s1²/n1 + s2²/n2); "confirmed" above +2, "refuted" below �
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import math
@@ -36,6 +37,7 @@ from tabulate import tabulate
 
 import fxquant
 from fxquant import evaluate, fit
+from fxquant.config.fields import toml_fields
 from fxquant.data import fashion_mnist
 
 BUDGET = {"model": "resnet20", "train_images": 20000, "fp_epochs": 3, "fp_seed": 0, "qat_epochs": 2}
@@ -70,6 +72,15 @@ ROWS = {
             {"loss": [{"kind": "kd", "T": 4.0, "weight": 1.0}]},
         ),
         Row("fpq", "FPQ: feature perturbation + channel-wise standardised distillation beats LSQ", "fpq_{bits}"),
+        Row("cr", "CR: consistency with a Mean-Teacher EMA on a strong view beats LSQ", "cr_{bits}"),
+        Row("fpq_cr", "FPQ and CR combine: beats FPQ alone", "fpq_cr_w2a2", baseline="fpq", widths=("w2a2",)),
+        Row("mec", "MEC-Quant: maximum entropy coding of the features of two views beats LSQ", "mec_{bits}"),
+        Row("saq", "SAQ: sharpness-aware minimisation of the quantized loss (SAQ's defaults) beats LSQ", "saq_{bits}"),
+        Row(
+            "asam",
+            "ASAM variant of SAQ (adaptive neighbourhood, ρ = 0.5) beats LSQ",
+            {"optim": {"sam": {"rho": 0.5, "adaptive": True, "perturb": "quantized"}}},
+        ),
     )
 }
 
@@ -79,8 +90,10 @@ def resolved_recipe(row: Row, bits: str) -> fxquant.Recipe:
 
 
 def recipe_hash(recipe: fxquant.Recipe) -> str:
-    """What identifies a row's method: the recipe's whole resolved TOML (any default that changes changes it)."""
-    return hashlib.sha256(recipe.to_toml().encode()).hexdigest()[:12]
+    """What identifies a row's method: every key of the resolved recipe, defaults included (a default that
+    changes in the code changes the hash, so runs made before it leave the table)."""
+    sections = tuple((f.name, getattr(recipe, f.name)) for f in toml_fields(type(recipe)) if f.name != "name")
+    return hashlib.sha256(repr(sections).encode()).hexdigest()[:12]
 
 
 def commit() -> str:
@@ -98,11 +111,21 @@ def load_ledger() -> dict[str, Any]:
     return {"budget": BUDGET, "fp": [], "runs": []}
 
 
-def save_ledger(ledger: dict[str, Any]) -> None:
+def record(run: dict[str, Any] | None = None, fp: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Add a finished run (or the FP row) to the ledger on disk and return the ledger. Several processes may run
+    rows at once (one per core): each addition re-reads the file under a lock, so none overwrites another's."""
     RESULTS.mkdir(exist_ok=True)
-    temporary = LEDGER.with_suffix(".json.partial")
-    temporary.write_text(json.dumps(ledger, indent=1))
-    temporary.replace(LEDGER)  # a run killed mid-write never leaves half a ledger
+    with open(LEDGER.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ledger = load_ledger()
+        if run is not None:
+            ledger["runs"].append(run)
+        if fp is not None and not ledger["fp"]:
+            ledger["fp"].append(fp)
+        temporary = LEDGER.with_suffix(".json.partial")
+        temporary.write_text(json.dumps(ledger, indent=1))
+        temporary.replace(LEDGER)  # a run killed mid-write never leaves half a ledger
+    return ledger
 
 
 def run_one(row: Row, bits: str, seed: int, fp_model, train_data, test_loader, code: str) -> dict[str, Any]:
@@ -213,15 +236,15 @@ def main() -> None:
         fp_model, _ = fp_checkpoint(BUDGET["model"], "quick", BUDGET["fp_seed"], train_data)
         assert PRESETS["quick"]["train_images"] == BUDGET["train_images"]
         if not ledger["fp"]:
-            ledger["fp"].append({"seed": BUDGET["fp_seed"], "top1": evaluate(fp_model, test_loader)["top1"]})
+            ledger = record(fp={"seed": BUDGET["fp_seed"], "top1": evaluate(fp_model, test_loader)["top1"]})
         for seed in (int(s) for s in args.seeds.split(",")):
             for bits in bits_list:
                 for row in rows:
+                    ledger = load_ledger()  # another process may have run it meanwhile
                     if bits not in row.widths or any(r["seed"] == seed for r in current_runs(ledger, row, bits)):
                         continue
                     run = run_one(row, bits, seed, fp_model, train_data, test_loader, code)
-                    ledger["runs"].append(run)
-                    save_ledger(ledger)
+                    ledger = record(run)
                     print(f"{row.name} {bits} seed {seed}: top-1 {run['top1']:.2f}%", flush=True)
                     (RESULTS / "methods.md").write_text(render(ledger))
     text = render(ledger)

@@ -93,7 +93,7 @@ def fit(
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     trained = nn.parallel.DistributedDataParallel(model) if info.enabled else model
-    step = TrainStep(trained, optimizer, criterion)
+    step = TrainStep(trained, optimizer, criterion, ce_weight=config.ce_weight)
     step.total_epochs = float(config.epochs)
     selector, train_loader = _coreset(model, recipe, train_data, train_loader, config, seed, info)
     scorer = _coreset_teacher(model, step) if selector is not None else None

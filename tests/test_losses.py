@@ -284,3 +284,24 @@ def test_consistency_views_can_be_swapped():
     assert (default.student_views, default.teacher_views) == ((0,), (1,))
     assert (swapped.student_views, swapped.teacher_views) == ((0, 1), (0,))  # view 0 still feeds the CE
     assert (swapped.student_view, swapped.teacher_view) == (1, 0)
+
+
+def test_kd_only_training_never_reads_the_labels():
+    """``ce_weight = 0`` with a KD loss: the step's loss is the KD term alone, so labels do not change it."""
+    torch.manual_seed(0)
+    recipe = {"extends": "lsq_w4a4", "train": {"ce_weight": 0.0}, "loss": [{"kind": "kd", "T": 4.0}]}
+    qmodel = fxquant.prepare_qat(resnet20(), recipe, torch.randn(2, 1, 28, 28))
+    step = fxquant.TrainStep(qmodel, torch.optim.SGD(qmodel.parameters(), lr=0.0), ce_weight=0.0)
+    x = torch.randn(8, 1, 28, 28)
+    first = step(x, torch.zeros(8, dtype=torch.long))
+    second = step(x, torch.ones(8, dtype=torch.long))
+    assert "ce" not in first and first["loss"] == pytest.approx(second["loss"], rel=1e-6)
+    with pytest.raises(fxquant.FxQuantError, match="nothing to train on"):
+        fxquant.TrainStep(fxquant.prepare_qat(resnet20(), "lsq_w4a4"), torch.optim.SGD([torch.zeros(1)]), ce_weight=0)
+
+
+def test_ds_first_schedule_starts_with_disagreement_only():
+    from fxquant.train.coreset import evs_weight
+
+    assert evs_weight(0, 10, "ds_first") == 0.0 and evs_weight(10, 10, "ds_first") == pytest.approx(1.0)
+    assert evs_weight(0, 10, "paper") == 1.0

@@ -134,6 +134,9 @@ class TrainConfig(Section):
     schedule: str = setting("cosine", choices=("cosine", "constant"))
     warmup_epochs: int = setting(0, check=non_negative)
     label_smoothing: float = setting(0.0, check=probability)
+    ce_weight: float = setting(
+        1.0, check=non_negative, doc="weight of the cross-entropy; 0 with a kd loss = KD-only (ACS's protocol)"
+    )
 
 
 # -- [[loss]] -----------------------------------------------------------------------------------------------------
@@ -316,7 +319,7 @@ class SearchConfig(Section):
 
 
 # -- [data.coreset] -----------------------------------------------------------------------------------------------
-CORESET_SCHEDULES = ("paper", "code_cosine", "linear")
+CORESET_SCHEDULES = ("paper", "code_cosine", "linear", "ds_first")
 CORESET_SCORES = ("evs", "ds")
 
 

@@ -8,7 +8,8 @@ Every training sample is scored in eval mode, without augmentation, with the qua
 combined as d = β(t)·EVS + (1 − β(t))·DS, and the top fraction of each class by d is kept, re-selected every R
 epochs. Schedules of β over t ∈ [0, E] epochs, all from 1 (EVS only) to 0 (DS only): ``paper``
 β = cos(πt/2E); ``code_cosine`` β = (1 + cos(πt/E))/2, the cosine schedule of the authors' released code
-(its DS weight is (1 − cos(πt/E))/2); ``linear`` β = 1 − t/E.
+(its DS weight is (1 − cos(πt/E))/2); ``linear`` β = 1 − t/E; ``ds_first`` β = sin(πt/2E), from 0 (DS only)
+to 1 (EVS only) — our reading of the released code, whose first selection is not driven by EVS.
 
 Under data parallelism each rank scores its own shard and the scores are summed across ranks, so the
 selection is global and identical on every rank; :class:`CoresetSampler` then splits the selected samples
@@ -53,6 +54,8 @@ def evs_weight(epoch: float, epochs: float, schedule: str = "paper") -> float:
         return 0.5 * (1 + math.cos(math.pi * t))
     if schedule == "linear":
         return 1.0 - t
+    if schedule == "ds_first":
+        return math.sin(math.pi * t / 2)
     raise ValueError(f"coreset schedule must be one of {CORESET_SCHEDULES}, got {schedule!r}")
 
 

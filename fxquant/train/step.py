@@ -73,6 +73,7 @@ class TrainStep:
         teacher: nn.Module | None = None,
         losses: Iterable[AuxLoss] | None = None,
         extra_losses: Iterable[Callable[..., dict[str, torch.Tensor]]] = (),
+        ce_weight: float = 1.0,
     ):
         self.model = model
         self.student = unwrap(model)
@@ -85,6 +86,9 @@ class TrainStep:
         float_model = teacher if teacher is not None else getattr(self.student, "float_model", None)
         self.teacher = build_teacher(self.student, float_model, self.losses)
         self.extra_losses = list(extra_losses)
+        self.ce_weight = ce_weight  # 0: labels never enter the loss (KD-only training, as ACS's authors train)
+        if ce_weight == 0 and not self.losses and not self.extra_losses:
+            raise FxQuantError("ce_weight = 0 and no [[loss]]: nothing to train on (add a kd loss for KD-only)")
         self.progress = 0.0
         self.total_epochs = 1.0  # the run's length (fit sets it): warm-ups given as a fraction of the run
         self.views = 1 + max((v for loss in self.losses for v in (*loss.student_views, *loss.teacher_views)), default=0)
@@ -125,7 +129,7 @@ class TrainStep:
                         for v in loss.teacher_views if model is not None else ():
                             if (loss.teacher_kind, v) not in teachers:
                                 teachers[(loss.teacher_kind, v)] = self._forward(model, views[v])
-            terms = {"ce": self.criterion(out, y)}
+            terms = {"ce": self.ce_weight * self.criterion(out, y)} if self.ce_weight else {}
             inputs = LossInputs(y, forwards, teachers, self.progress, self.total_epochs)
             for loss in self.losses:
                 terms.update(loss(inputs))
