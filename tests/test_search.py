@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import fxquant
 from fxquant.errors import FxQuantError
 from fxquant.search import Option, allocate, apply, hutchinson_traces, layer_table, load_plan, parse_budget, save_plan
+from fxquant.search.sensitivity import sam_increases
 
 options = st.lists(st.tuples(st.integers(1, 50), st.floats(0, 100, allow_nan=False)), min_size=1, max_size=4).map(
     lambda pairs: [Option(i, float(c), w) for i, (c, w) in enumerate(pairs)]
@@ -67,6 +68,25 @@ def test_hutchinson_matches_the_exact_hessian_trace():
         exact[name] = float(hessian.reshape(weight.numel(), weight.numel()).trace())
     for name in exact:
         assert estimate[name] == pytest.approx(exact[name], rel=0.1, abs=1e-3)
+    # the activation term: Tr of the loss's Hessian at fc2's input h = tanh(fc1(x)) (all 32×4 elements), and at
+    # fc1's input x (a small trace next to the cross terms every probe also carries: a looser match)
+    hidden = torch.tanh(model.fc1(x)).detach()
+    exact_h = torch.autograd.functional.hessian(lambda h: F.cross_entropy(model.fc2(h), y), hidden).reshape(128, 128)
+    exact_x = torch.autograd.functional.hessian(lambda v: F.cross_entropy(model(v), y), x).reshape(96, 96)
+    assert estimate[("fc2", 0)] == pytest.approx(float(exact_h.trace()), rel=0.1)
+    assert estimate[("fc1", 0)] == pytest.approx(float(exact_x.trace()), rel=0.3)
+
+
+def test_sam_increase_of_an_activation_is_the_loss_after_its_normalised_gradient_step():
+    qmodel = fxquant.prepare_qat(Tiny(), "lsq_w4a4", torch.randn(1, 3))
+    x, y = torch.randn(32, 3), torch.randint(0, 3, (32,))
+    increases = sam_increases(qmodel, layer_table(qmodel), [(x, y)], rho=0.1)
+    model = Tiny()
+    hidden = torch.tanh(model.fc1(x)).detach().requires_grad_()
+    loss = F.cross_entropy(model.fc2(hidden), y)
+    (g,) = torch.autograd.grad(loss, hidden)
+    moved = F.cross_entropy(model.fc2(hidden.detach() + 0.1 * g / g.norm()), y)
+    assert increases[("fc2", 0)] == pytest.approx(float(moved - loss), rel=1e-4, abs=1e-7)
 
 
 def test_budgets():

@@ -307,8 +307,11 @@ class SearchConfig(Section):
     iterations: int = setting(100, check=positive, doc="generator iterations for method = saq")
     candidates: tuple[int, ...] = setting((2, 3, 4, 8), check=_bits, doc="bit widths to choose from")
     batches: int = setting(2, check=positive, doc="calibration batches")
-    tol: float = setting(0.05, check=positive, doc="Hutchinson relative tolerance")
-    max_iterations: int = setting(50, check=positive, doc="Hutchinson iterations at most")
+    tol: float = setting(1e-3, check=positive, doc="Hutchinson relative tolerance (HAWQ/PyHessian: 1e-3)")
+    max_iterations: int = setting(100, check=positive, doc="Hutchinson iterations at most (HAWQ/PyHessian: 100)")
+    activations: bool = setting(
+        True, doc="Ω counts the input activations' sensitivity too (a plan ties weight and activation widths)"
+    )
     rho: float = setting(0.05, check=positive, doc="SAM radius for method = sam")
     search_first_last: bool = setting(False, doc="search the first/last layers too; avgB budgets count them at 8")
 

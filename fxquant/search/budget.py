@@ -34,6 +34,10 @@ class LayerInfo:
     sensitivity: float = 0.0
     omega: dict[int, float] = field(default_factory=dict)
     bits: int | None = None
+    # the input activation quantizers this layer owns for the search (a quantizer read by several layers is
+    # owned by the first), and their sensitivity (one per quantizer)
+    activations: tuple[nn.Module, ...] = ()
+    activation_sensitivity: tuple[float, ...] = ()
 
     def bops(self, bits: int) -> int:
         return self.macs * bits * bits
@@ -65,6 +69,7 @@ def layer_table(qmodel: QATModel, example_inputs: Any = None) -> list[LayerInfo]
         qmodel.report.costs = costs
     quant = qmodel.recipe.quant
     layers = []
+    owned: set[int] = set()
     for record in qmodel.report.layers:
         owner = _weight_owner(qmodel, record)
         weight = getattr(owner, "weight", None) if owner is not None else None
@@ -75,7 +80,10 @@ def layer_table(qmodel: QATModel, example_inputs: Any = None) -> list[LayerInfo]
         if "last" in record.role and quant.last_layer:
             fixed = quant.last_layer.weight_bits
         cost = costs.get(record.name)
-        layers.append(LayerInfo(record.name, cost.macs if cost else 0, params, weight, fixed))
+        activations = tuple(q for q in qmodel.layer_quantizers(record)[1] if id(q) not in owned)
+        owned.update(id(q) for q in activations)
+        info = LayerInfo(record.name, cost.macs if cost else 0, params, weight, fixed, activations=activations)
+        layers.append(info)
     return layers
 
 

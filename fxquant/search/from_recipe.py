@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from rich.console import Console
 from torch.utils.data import DataLoader
 
@@ -31,7 +32,9 @@ def search_for_recipe(qmodel: QATModel, train_data: Any, batch_size: int, progre
     if config is None:
         raise ValueError(f"recipe {qmodel.recipe.name!r} has no [search] table")
     initialize_quantizers(qmodel, next(iter(DataLoader(train_data, batch_size=batch_size)))[0])
-    loader = DataLoader(plain_view(train_data), batch_size=batch_size, shuffle=False)
+    # shuffled (seeded): the first batches of a dataset stored in class order would calibrate on a few classes
+    shuffled = torch.Generator().manual_seed(0)
+    loader = DataLoader(plain_view(train_data), batch_size=batch_size, shuffle=True, generator=shuffled)
     batches = [batch[:1] + batch[-1:] for _, batch in zip(range(config.batches), loader)]
     plan, layers = search(
         qmodel,
@@ -46,6 +49,7 @@ def search_for_recipe(qmodel: QATModel, train_data: Any, batch_size: int, progre
         progress=progress,
         iterations=config.iterations,
         search_first_last=config.search_first_last,
+        activations=config.activations,
     )
     apply(qmodel, plan)
     # Steps are initialised at the planned widths on the first training batch (as a uniform recipe's are), not

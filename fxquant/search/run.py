@@ -9,7 +9,10 @@
    one Hessian-vector product per iteration for all layers; cross-layer terms vanish in expectation), until
    every layer's running mean moves less than ``tol`` (relative) — never stopping while a mean is negative;
    :func:`sam_increases` — L(w + ρ·g_i/‖g_i‖) − L(w), the loss increase of a SAM step restricted to layer i.
-3. **Perturbation term** Ω_i(b) = S_i/n_i·‖Q_b(w_i) − w_i‖² with Q_b the per-channel LSQ-initialised grid.
+3. **Perturbation term** Ω_i(b) = S_i/n_i·‖Q_b(w_i) − w_i‖² + S_a/n_a·‖Q_b(a_i) − a_i‖² with Q_b the
+   LSQ-initialised grid (per channel for weights, per tensor for the layer's input activations a_i, whose
+   sensitivity S_a is measured the same way at the activation quantizer's output): a plan ties a layer's weight
+   and activation widths, so both errors count (``activations=False``: the weight term only).
 4. **Allocation** (:func:`allocate`): minimise Σ Ω_i(b_i) subject to Σ cost_i(b_i) ≤ budget, one width per layer
    (or per tied group: the user's ties plus layers reading one activation quantizer, which must share its
    width), fixed widths for the recipe's first/last layers; solved exactly by dynamic programming over Pareto
@@ -31,13 +34,36 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from fxquant.errors import FxQuantError
 from fxquant.qat_model import QATModel
+from fxquant.quant.controls import disable_quant
 
 from .allocation import Option, allocate
 from .budget import DEFAULT_CANDIDATES, LayerInfo, layer_table, parse_budget, tie_groups
 from .saq_generator import generate
-from .sensitivity import hutchinson_traces, quantization_error, sam_increases
+from .sensitivity import (
+    ActivationTaps,
+    activation_quantization_error,
+    hutchinson_traces,
+    quantization_error,
+    sam_increases,
+)
+
+
+def _record_activations(qmodel: QATModel, layers: Sequence[LayerInfo], batches: Sequence) -> dict[int, list]:
+    """Each owned activation quantizer's inputs on the calibration batches (float model, eval mode)."""
+    quantizers = [q for layer in layers for q in layer.activations]
+    was_training = qmodel.training
+    qmodel.eval()
+    try:
+        with torch.no_grad(), disable_quant(qmodel), ActivationTaps(quantizers) as taps:
+            for x, _ in batches:
+                qmodel(x)
+    finally:
+        qmodel.train(was_training)
+    return {id(q): [t.detach() for t in taps.recorded[id(q)]] for q in quantizers}
 
 
 def search(
@@ -54,6 +80,7 @@ def search(
     progress: bool = False,
     iterations: int = 100,
     search_first_last: bool = False,
+    activations: bool = True,
 ) -> tuple[dict[str, tuple[int, int]], list[LayerInfo]]:
     """Sensitivity, then the exact allocation; returns (bit plan, per-layer table). Weight and activation bits
     are tied (each layer gets (b, b)). The recipe's first/last widths are kept unless ``search_first_last``, in
@@ -89,17 +116,26 @@ def search(
     layers = layer_table(qmodel, example_inputs)
     limit = parse_budget(budget, layers)
     if method == "hessian":
-        scores = hutchinson_traces(qmodel, layers, batches, tol=tol, max_iterations=max_iterations, progress=progress)
+        scores = hutchinson_traces(
+            qmodel, layers, batches, tol=tol, max_iterations=max_iterations, progress=progress, activations=activations
+        )
     else:
-        scores = sam_increases(qmodel, layers, batches, rho)
+        scores = sam_increases(qmodel, layers, batches, rho, activations=activations)
+    recorded = _record_activations(qmodel, layers, batches) if activations else {}
     for layer in layers:
         layer.sensitivity = scores.get(layer.name, 0.0)
+        layer.activation_sensitivity = tuple(scores.get((layer.name, i), 0.0) for i, _ in enumerate(layer.activations))
         # the budget still counts a first/last layer at its fixed width; searching it only widens the options
         layer.searched = not (layer.fixed_bits and not search_first_last)
         options = list(candidates) if layer.searched else [layer.fixed_bits]
         n = max(layer.params, 1)
         layer.omega = {
             b: (layer.sensitivity / n * quantization_error(layer.weight, b) if layer.weight is not None else 0.0)
+            + sum(
+                s / sum(v.numel() for v in recorded[id(q)]) * activation_quantization_error(recorded[id(q)], b)
+                for q, s in zip(layer.activations, layer.activation_sensitivity)
+                if recorded.get(id(q))
+            )
             for b in options
         }
     groups = tie_groups(qmodel, layers, tie)
