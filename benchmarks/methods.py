@@ -42,7 +42,7 @@ from fxquant.data import fashion_mnist
 
 BUDGET = {"model": "resnet20", "train_images": 20000, "fp_epochs": 3, "fp_seed": 0, "qat_epochs": 2}
 LEDGER = RESULTS / "methods.json"
-WIDTHS = ("w2a2", "w4a4")
+WIDTHS = ("w2a2", "w4a4")  # every row's, besides the mixed-precision rows at the BOPs of W3A3
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class Row:
 ROWS = {
     row.name: row
     for row in (
-        Row("lsq", "the baseline (LSQ weights, LSQ+ activations)", "lsq_{bits}", baseline=""),
+        Row("lsq", "the baseline (LSQ weights, LSQ+ activations)", "lsq_{bits}", baseline="", widths=(*WIDTHS, "w3a3")),
         Row(
             "lsq_kd",
             "control for FPQ: LSQ + logit distillation from the same FP teacher (KD, T = 4)",
@@ -76,6 +76,16 @@ ROWS = {
         Row("fpq_cr", "FPQ and CR combine: beats FPQ alone", "fpq_cr_w2a2", baseline="fpq", widths=("w2a2",)),
         Row("mec", "MEC-Quant: maximum entropy coding of the features of two views beats LSQ", "mec_{bits}"),
         Row("saq", "SAQ: sharpness-aware minimisation of the quantized loss (SAQ's defaults) beats LSQ", "saq_{bits}"),
+        *(
+            Row(
+                f"plan_{method}",
+                f"a {method} bit plan at the BOPs of uniform W3A3 (8-bit first/last), LSQ fine-tuning, beats uniform "
+                "W3A3",
+                {"search": {"method": method, "budget": "avg3"}},
+                widths=("w3a3",),
+            )
+            for method in ("hessian", "sam", "saq")
+        ),
         Row(
             "asam",
             "ASAM variant of SAQ (adaptive neighbourhood, ρ = 0.5) beats LSQ",
@@ -170,7 +180,7 @@ def render(ledger: dict[str, Any]) -> str:
     fp = [r["top1"] for r in ledger["fp"]]
     table = [["FP32", "32/32", mean_std(fp[:1]) if fp else "—", "—", "—", "—", "—"]]
     stale = 0
-    for bits in WIDTHS:
+    for bits in (*WIDTHS, "w3a3"):
         for row in ROWS.values():
             if bits not in row.widths:
                 continue
@@ -212,7 +222,7 @@ def render(ledger: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows (see --list)")
-    parser.add_argument("--bits", default=",".join(WIDTHS))
+    parser.add_argument("--bits", default=",".join((*WIDTHS, "w3a3")), help="widths to run (each row runs its own)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--render", action="store_true", help="only render the table from the ledger")

@@ -156,16 +156,28 @@ def test_controller_learns_to_prefer_cheap_choices():
     assert controller.sample(greedy=True)[0] == [0, 0, 0]
 
 
-def test_saq_generator_returns_a_plan_inside_the_budget():
+def test_saq_generator_returns_a_plan_inside_the_budget_and_restores_the_weights():
     torch.manual_seed(0)
     qmodel = fxquant.prepare_qat(fxquant.models.resnet20(), "lsq_w4a4", torch.randn(1, 1, 28, 28))
     batches = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(3)]
     fxquant.calibrate(qmodel, batches[0][0])
-    plan, layers = fxquant.search.search(qmodel, batches, "avg4", method="saq", iterations=4)
+    before = {k: v.clone() for k, v in qmodel.state_dict().items() if "quantizer" not in k}
+    plan, layers = fxquant.search.search(
+        qmodel, batches, "avg4", method="saq", iterations=4, warmup_batches=batches[:2], budget_slack=0.3
+    )
     budget = parse_budget("avg4", layers)
-    assert fxquant.search.total_cost(layers, plan, budget) <= budget.limit
+    assert 0.7 * budget.limit <= fxquant.search.total_cost(layers, plan, budget) <= budget.limit
     assert plan["conv1"] == (8, 8)
     assert all(q.width_steps is None for q in qmodel.quantizers().values() if hasattr(q, "width_steps"))
+    after = qmodel.state_dict()
+    for key, value in before.items():  # the supernet's training (weights, BN statistics) is undone
+        assert torch.equal(after[key], value), key
+
+
+def test_saq_search_defaults_follow_the_authors():
+    config = fxquant.load_recipe("mixed_saq").search
+    assert config.widths == (2, 3, 4, 5) and config.warmup_iterations > 0 and not config.search_first_last
+    assert fxquant.load_recipe("mixed_hessian").search.widths == (2, 3, 4, 8)
 
 
 def test_layers_reading_one_activation_quantizer_share_a_width_so_real_bops_fit():

@@ -305,7 +305,9 @@ class SearchConfig(Section):
     budget: str = setting(check=budget_problem, doc=BUDGET_HELP)
     method: str = setting("hessian", choices=("hessian", "sam", "saq"), doc="sensitivity measure, or SAQ's generator")
     iterations: int = setting(100, check=positive, doc="generator iterations for method = saq")
-    candidates: tuple[int, ...] = setting((2, 3, 4, 8), check=_bits, doc="bit widths to choose from")
+    candidates: tuple[int, ...] | None = setting(
+        None, check=_bits, doc="bit widths to choose from (default: 2, 3, 4, 5 for saq as its authors; else 2, 3, 4, 8)"
+    )
     batches: int = setting(2, check=positive, doc="calibration batches")
     tol: float = setting(1e-3, check=positive, doc="Hutchinson relative tolerance (HAWQ/PyHessian: 1e-3)")
     max_iterations: int = setting(100, check=positive, doc="Hutchinson iterations at most (HAWQ/PyHessian: 100)")
@@ -314,11 +316,24 @@ class SearchConfig(Section):
     )
     rho: float = setting(0.05, check=positive, doc="SAM radius for method = sam")
     search_first_last: bool = setting(False, doc="search the first/last layers too; avgB budgets count them at 8")
+    warmup_iterations: int = setting(
+        50, check=non_negative, doc="method = saq: supernet steps on shuffled data before the controller learns"
+    )
+    budget_slack: float = setting(
+        0.05, check=probability, doc="method = saq: the pick costs between (1 − slack)× and 1× the budget"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.candidates:
+        if self.candidates is not None and not self.candidates:
             raise ValueError("candidates must list at least one width")
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """The candidate widths in force."""
+        if self.candidates is not None:
+            return self.candidates
+        return (2, 3, 4, 5) if self.method == "saq" else (2, 3, 4, 8)
 
 
 # -- [data.coreset] -----------------------------------------------------------------------------------------------

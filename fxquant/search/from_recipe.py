@@ -21,6 +21,19 @@ from .report import report
 from .run import search
 
 
+def _warmup_batches(train_data: Any, batch_size: int, count: int) -> list:
+    """``count`` shuffled training batches (seeded, with the data's own augmentation) for the supernet warm-up."""
+    shuffled = torch.Generator().manual_seed(1)
+    loader = DataLoader(train_data, batch_size=batch_size, shuffle=True, generator=shuffled, drop_last=True)
+    batches: list = []
+    while len(batches) < count:
+        for batch in loader:
+            batches.append((batch[0], batch[-1]))
+            if len(batches) == count:
+                break
+    return batches
+
+
 def search_for_recipe(qmodel: QATModel, train_data: Any, batch_size: int, progress: bool = True) -> dict:
     """Run ``qmodel.recipe.search`` on ``train_data`` and apply the plan; returns it.
 
@@ -41,7 +54,7 @@ def search_for_recipe(qmodel: QATModel, train_data: Any, batch_size: int, progre
         batches,
         config.budget,
         config.method,
-        config.candidates,
+        config.widths,
         example_inputs=batches[0][0][:1],
         rho=config.rho,
         tol=config.tol,
@@ -50,6 +63,10 @@ def search_for_recipe(qmodel: QATModel, train_data: Any, batch_size: int, progre
         iterations=config.iterations,
         search_first_last=config.search_first_last,
         activations=config.activations,
+        warmup_batches=_warmup_batches(train_data, batch_size, config.warmup_iterations)
+        if config.method == "saq"
+        else (),
+        budget_slack=config.budget_slack,
     )
     apply(qmodel, plan)
     # Steps are initialised at the planned widths on the first training batch (as a uniform recipe's are), not

@@ -81,6 +81,8 @@ def search(
     iterations: int = 100,
     search_first_last: bool = False,
     activations: bool = True,
+    warmup_batches: Sequence = (),
+    budget_slack: float = 0.05,
 ) -> tuple[dict[str, tuple[int, int]], list[LayerInfo]]:
     """Sensitivity, then the exact allocation; returns (bit plan, per-layer table). Weight and activation bits
     are tied (each layer gets (b, b)). The recipe's first/last widths are kept unless ``search_first_last``, in
@@ -107,6 +109,8 @@ def search(
             rho=rho,
             example_inputs=example_inputs,
             search_first_last=search_first_last,
+            warmup_batches=warmup_batches,
+            budget_slack=budget_slack,
         )
         layers = layer_table(qmodel, example_inputs)
         for layer in layers:

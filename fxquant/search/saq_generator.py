@@ -5,8 +5,15 @@ Each iteration: the controller samples one width per searchable layer (weights a
 supernet — the prepared model with a separate learned step per width in every quantizer — takes one SAM step
 at that configuration on a training batch; the configuration's cost on a held-out batch is the SAM loss (the
 loss at the perturbed quantized weights) plus λ·(BOPs/target − 1)²; the controller follows REINFORCE with a
-moving-average baseline and an entropy bonus. At the end, configurations are sampled, those within the budget
-kept, and the one with the least sharpness (perturbed loss − clean loss, held out) wins.
+moving-average baseline and an entropy bonus. At the end, configurations are sampled, those within
+[target·(1 − slack), target] kept, and the one with the least sharpness (perturbed loss − clean loss, held
+out, eval mode) wins.
+
+As the authors' code does (zhuang-group/SAQ): the supernet is first warmed up on shuffled training batches with
+uniformly sampled configurations before the controller learns; held-out losses are measured in eval mode; the
+first/last layers keep their widths; candidates default to {2, 3, 4, 5}. The search trains the model's weights
+as the supernet, so every weight and buffer is restored afterwards (``restore=True``): fine-tuning then starts
+from the same FP checkpoint as a uniform recipe's, and the only thing the search leaves is the plan.
 
 Example usage::
 
@@ -25,7 +32,7 @@ from torch import nn
 
 from fxquant.config.sections import SAMConfig
 from fxquant.errors import FxQuantError
-from fxquant.quant.quantizers import LSQQuantizer
+from fxquant.quant.quantizers import FakeQuantizer, LSQQuantizer
 from fxquant.train.sam import SAM
 
 from .budget import DEFAULT_CANDIDATES, layer_table, parse_budget, tie_groups, total_cost
@@ -102,13 +109,22 @@ def generate(
     seed: int = 0,
     progress: bool = False,
     search_first_last: bool = False,
+    warmup_batches: Sequence = (),
+    budget_slack: float = 0.05,
+    restore: bool = True,
 ) -> tuple[dict[str, tuple[int, int]], GeneratorResult]:
     """Learn a bit configuration as SAQ's generator does (see the module docstring); returns (plan, result).
 
-    ``qmodel``'s quantizers must be initialised (one forward); its weights are trained as the supernet, and
-    its step sharing ends at the chosen widths. First/last layers keep the recipe's widths unless
-    ``search_first_last`` (the budget still counts them at those widths).
+    ``qmodel``'s quantizers must be initialised (one forward); its weights are trained as the supernet and, with
+    ``restore``, put back afterwards (weights and BN statistics; each quantizer keeps the step learned for its
+    chosen width); its step sharing ends at the chosen widths.
+    ``warmup_batches`` train the supernet under random configurations before the controller learns. First/last
+    layers keep the recipe's widths unless ``search_first_last`` (the budget still counts them at those widths).
     """
+    # the weights and buffers (BN statistics) of every layer; a quantizer keeps the step learned for its width
+    in_quantizers = {id(t) for q in qmodel.modules() if isinstance(q, FakeQuantizer) for t in q.state_dict().values()}
+    tensors = [t for t in [*qmodel.parameters(), *qmodel.buffers()] if id(t) not in in_quantizers]
+    saved = [(t, t.detach().clone()) for t in tensors] if restore else []
     layers = layer_table(qmodel, example_inputs)
     target = parse_budget(budget, layers)
     # one choice per group of layers that must share a width (they read one activation quantizer)
@@ -142,6 +158,11 @@ def generate(
 
     try:
         qmodel.train()
+        for x, y in warmup_batches:  # the supernet learns every width before the controller judges them
+            actions = [int(a) for a in torch.randint(len(candidates), (len(searchable),), generator=generator)]
+            apply(qmodel, plan_of(actions))
+            sam.step(lambda x=x, y=y: {"ce": F.cross_entropy(qmodel(x), y)})
+            supernet_opt.step()
         for it in range(iterations):
             actions, log_prob, entropy = controller.sample(generator=generator)
             plan = plan_of(actions)
@@ -149,7 +170,9 @@ def generate(
             x, y = train_batches[it % len(train_batches)]
             sam.step(lambda x=x, y=y: {"ce": F.cross_entropy(qmodel(x), y)})
             supernet_opt.step()
+            qmodel.eval()  # held-out losses with the running statistics, as the final scoring measures them
             _, perturbed = _sam_losses(qmodel, sam, held_out[it % len(held_out)])
+            qmodel.train()
             ratio = total_cost(layers, plan, target) / target.limit
             cost = perturbed + penalty * (ratio - 1.0) ** 2
             reward = -cost
@@ -167,10 +190,12 @@ def generate(
                 controller.sample(generator=generator)[0] for _ in range(final_samples - 1)
             ]
         seen = set()
+        floor = target.limit * (1 - budget_slack)
         for actions in draws:
             plan = plan_of(actions)
             key = tuple(actions)
-            if key in seen or total_cost(layers, plan, target) > target.limit:
+            cost = total_cost(layers, plan, target)
+            if key in seen or not floor <= cost <= target.limit:  # far below the target is another budget
                 continue
             seen.add(key)
             apply(qmodel, plan)
@@ -183,8 +208,9 @@ def generate(
         if best is None:
             cheapest = {**fixed, **{layer.name: (min(candidates),) * 2 for g in searchable for layer in g}}
             raise FxQuantError(
-                f"no sampled configuration fits the budget {budget} (the cheapest uses "
-                f"{total_cost(layers, cheapest, target) / target.limit:.2f}× of it); raise the penalty or iterations"
+                f"no sampled configuration costs between {1 - budget_slack:.2f}× and 1× the budget {budget} (the "
+                f"cheapest uses {total_cost(layers, cheapest, target) / target.limit:.2f}× of it); raise the penalty, "
+                "the iterations or the slack"
             )
         result.sharpness, result.plan = best
         result.bops = total_cost(layers, result.plan, target)
@@ -194,6 +220,10 @@ def generate(
     apply(qmodel, result.plan)
     for q in quantizers:
         q.keep_current_width()
+    with torch.no_grad():
+        for tensor, value in saved:  # the supernet's training is not fine-tuning's starting point
+            if tensor.shape == value.shape:
+                tensor.copy_(value)
     for layer in layers:
         layer.bits = result.plan[layer.name][0]
     return result.plan, result
