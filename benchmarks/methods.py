@@ -39,6 +39,7 @@ import fxquant
 from fxquant import evaluate, fit
 from fxquant.config.fields import toml_fields
 from fxquant.data import fashion_mnist
+from fxquant.train.coreset import NoisyLabels, random_subset
 
 BUDGET = {"model": "resnet20", "train_images": 20000, "fp_epochs": 3, "fp_seed": 0, "qat_epochs": 2}
 LEDGER = RESULTS / "methods.json"
@@ -55,6 +56,8 @@ class Row:
     baseline: str = "lsq"
     widths: tuple[str, ...] = WIDTHS
     notes: list[str] = field(default_factory=list)
+    random_fraction: float = 0.0  # train on a class-balanced random subset of this fraction (ACS's control)
+    noise: float = 0.0  # symmetric label noise on the training data (a fixed draw, the same for every row)
 
     def recipe_for(self, bits: str) -> dict[str, Any] | str:
         if isinstance(self.recipe, str):
@@ -85,6 +88,39 @@ ROWS = {
                 widths=("w3a3",),
             )
             for method in ("hessian", "sam", "saq")
+        ),
+        *(
+            row
+            for noise, tag in ((0.0, ""), (0.2, "_noise20"))
+            for row in (
+                Row(
+                    f"random10{tag}",
+                    f"control: a class-balanced random 10% of the data{' with 20% label noise' if noise else ''}",
+                    "lsq_{bits}",
+                    random_fraction=0.1,
+                    noise=noise,
+                ),
+                Row(
+                    f"acs10{tag}",
+                    "ACS (EVS → DS, re-selected every epoch) on 10% beats a random 10%"
+                    + (" and under-selects noisy samples" if noise else ""),
+                    "acs10_{bits}",
+                    baseline=f"random10{tag}",
+                    noise=noise,
+                ),
+                Row(
+                    f"acs10_kd{tag}",
+                    "ACS as its authors train it (KD-only loss, DS-first schedule) on 10% beats a random 10%"
+                    + (" and under-selects noisy samples" if noise else ""),
+                    {
+                        "data": {"coreset": {"fraction": 0.1, "refresh_every": 1, "schedule": "ds_first"}},
+                        "train": {"ce_weight": 0.0},
+                        "loss": [{"kind": "kd", "T": 4.0}],
+                    },
+                    baseline=f"random10{tag}",
+                    noise=noise,
+                ),
+            )
         ),
         Row(
             "asam",
@@ -143,9 +179,19 @@ def run_one(row: Row, bits: str, seed: int, fp_model, train_data, test_loader, c
     torch.manual_seed(seed)
     qmodel = fxquant.prepare_qat(fp_model, recipe, torch.randn(1, 1, 28, 28))
     config = qmodel.recipe.train.override(epochs=BUDGET["qat_epochs"])
+    data = NoisyLabels(train_data, row.noise, seed=0) if row.noise else train_data  # one noise draw for all rows
+    chosen = random_subset(data.labels, row.random_fraction, seed) if row.random_fraction else None
+    subset = torch.utils.data.Subset(data, chosen.tolist()) if chosen is not None else data
     start = time.perf_counter()
-    history = fit(qmodel, train_data, None, config, description=f"{row.name} {bits} seed {seed}", seed=seed)
+    history = fit(qmodel, subset, None, config, description=f"{row.name} {bits} seed {seed}", seed=seed)
     seconds = time.perf_counter() - start
+    noisy_share = None
+    if row.noise:
+        picks = [h.coreset for h in history if h.coreset is not None]
+        if picks:
+            noisy_share = sum(r.noisy_selected for r in picks) / max(sum(r.selected for r in picks), 1)
+        elif chosen is not None:
+            noisy_share = float(data.noisy[chosen].float().mean())
     return {
         "row": row.name,
         "bits": bits,
@@ -156,6 +202,8 @@ def run_one(row: Row, bits: str, seed: int, fp_model, train_data, test_loader, c
         "seconds": seconds,
         "images_per_second": statistics.mean(h.images_per_second for h in history),
         "train_loss": history[-1].train_loss,
+        "noisy_share": noisy_share,  # of the samples trained on, when the data has label noise
+        "metrics": history[-1].metrics,
         "threads": torch.get_num_threads(),
     }
 
@@ -176,9 +224,22 @@ def verdict(mine: list[float], base: list[float]) -> str:
     return f"{word} ({difference:+.2f} pt, {z:+.1f} SE)"
 
 
+def diagnostics(runs: list[dict[str, Any]]) -> str:
+    """What shows whether a method acted: a regulariser's gradient ratio to CE, a teacher's accuracy, the share of
+    noisy labels among the samples trained on."""
+    values: dict[str, list[float]] = {}
+    for run in runs:
+        for key, value in (run.get("metrics") or {}).items():
+            if key.endswith(("grad_ratio", "teacher_acc")) and math.isfinite(value):
+                values.setdefault(key, []).append(value)
+        if run.get("noisy_share") is not None:
+            values.setdefault("noisy share", []).append(run["noisy_share"])
+    return ", ".join(f"{key} {statistics.mean(v):.3g}" for key, v in sorted(values.items())) or "—"
+
+
 def render(ledger: dict[str, Any]) -> str:
     fp = [r["top1"] for r in ledger["fp"]]
-    table = [["FP32", "32/32", mean_std(fp[:1]) if fp else "—", "—", "—", "—", "—"]]
+    table = [["FP32", "32/32", mean_std(fp[:1]) if fp else "—", "—", "—", "—", "—", "—"]]
     stale = 0
     for bits in (*WIDTHS, "w3a3"):
         for row in ROWS.values():
@@ -201,9 +262,19 @@ def render(ledger: dict[str, Any]) -> str:
                     f"{statistics.mean(cost):.2f}" if cost else "—",
                     row.baseline or "—",
                     verdict(top1, [r["top1"] for r in base_runs]) if row.baseline else "—",
+                    diagnostics(mine),
                 ]
             )
-    headers = ["row", "bits", "top-1 % (mean ± std)", "seeds", "time per step × baseline", "baseline", "verdict"]
+    headers = [
+        "row",
+        "bits",
+        "top-1 % (mean ± std)",
+        "seeds",
+        "time per step × baseline",
+        "baseline",
+        "verdict",
+        "last-epoch diagnostics (mean)",
+    ]
     claims = "\n".join(f"- **{row.name}**: {row.claim}" for row in ROWS.values())
     return (
         "# Methods: each research method against LSQ, over QAT seeds\n\n"
