@@ -70,10 +70,13 @@ def test_selection_is_class_balanced_top_scores_and_deterministic(fraction, seed
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_schedule_endpoints(schedule):
-    assert evs_weight(0, 10, schedule) == pytest.approx(1.0)
-    assert evs_weight(10, 10, schedule) == pytest.approx(0.0, abs=1e-12)
+    # every schedule goes from EVS only to DS only, except ds_first, which goes the other way
+    start, end = (0.0, 1.0) if schedule == "ds_first" else (1.0, 0.0)
+    assert evs_weight(0, 10, schedule) == pytest.approx(start, abs=1e-12)
+    assert evs_weight(10, 10, schedule) == pytest.approx(end, abs=1e-12)
     values = [evs_weight(t, 10, schedule) for t in range(11)]
-    assert all(a >= b for a, b in itertools.pairwise(values))
+    ordered = itertools.pairwise(values if schedule != "ds_first" else values[::-1])
+    assert all(a >= b for a, b in ordered)
     assert evs_weight(5, 10, "paper") == pytest.approx(math.cos(math.pi / 4))
 
 
