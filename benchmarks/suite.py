@@ -41,6 +41,8 @@ COMMANDS = [
     "--tag budgets_avg3",
     "sharpness.py --only-budgets --budgets avg2 --methods hessian,sam --search-first-last --tag budgets_avg2",
     "export.py",
+    # the seeded methods table (hours; resumable: a second call runs only what the ledger lacks)
+    "methods.py --seeds 0,1,2",
 ]
 
 
