@@ -49,11 +49,10 @@ def test_a_trained_model_keeps_its_accuracy_in_onnxruntime(float_resnet20, recip
 
 
 # One model per CNN family, the families' giants left to the benchmark (vgg, wide_resnet, alexnet: 60–130 M
-# parameters each, minutes per export on 2 cores, and CI has 90 minutes for everything). ConvNeXt is left out
-# until issue 14: its stochastic depth branches on self.training inside the traced forward, so the prepared (and
-# converted) model still drops paths at random in eval mode, and torch.export rejects the batch-shaped noise.
+# parameters each, minutes per export on 2 cores, and CI has 90 minutes for everything). ConvNeXt's stochastic
+# depth (self.training inside its forward) runs as written since modes are captured, so it exports too.
 FAMILIES = [
-    "densenet121", "efficientnet_b0", "efficientnet_v2_s", "googlenet", "inception_v3",
+    "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s", "googlenet", "inception_v3",
     "mnasnet0_5", "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf", "regnet_y_400mf", "resnet18",
     "resnext50_32x4d", "shufflenet_v2_x0_5", "squeezenet1_1",
 ]  # fmt: skip
@@ -64,6 +63,7 @@ def _input_size(name: str) -> int:
 
 
 EIGHT_BIT = {"resnet18", "mobilenet_v2", "shufflenet_v2_x0_5"}
+STATIC_BATCH = {"convnext_tiny"}
 
 
 @pytest.mark.parametrize(("name", "bits"), [(n, 4) for n in FAMILIES] + [(n, 8) for n in FAMILIES if n in EIGHT_BIT])
@@ -81,8 +81,11 @@ def test_torchvision_classifiers_export_and_agree(name, bits, tmp_path):
     x = torch.randn(4, 3, size, size)
     fxquant.calibrate(qmodel, x)
     qmodel.eval()
-    report = export_onnx(qmodel, tmp_path / f"{name}.onnx", x[:1])
-    (parity,) = compare(report.path, convert(qmodel), x, levels=("disable_all",))
+    # ConvNeXt: torch.export adds a storage-size guard on the batch (its permuted LayerNorm) that a dynamic
+    # batch violates, so its file has a fixed batch of one (a known limit, reported in issue 14's note)
+    dynamic = name not in STATIC_BATCH
+    report = export_onnx(qmodel, tmp_path / f"{name}.onnx", x[:1], dynamic_batch=dynamic)
+    (parity,) = compare(report.path, convert(qmodel), x if dynamic else x[:1], levels=("disable_all",))
     assert parity.output_steps <= 64, parity
 
 

@@ -18,8 +18,9 @@ import torch
 from torch import fx, nn
 
 from fxquant.errors import FxQuantError
+from fxquant.qat_model import GRAPH_ATTR
 
-from .frozen import FrozenQuantizer, IntegerLayer
+from .frozen import FrozenQuantizer, IntegerLayer, IntegerWeight
 
 try:  # the ``export`` extra
     import onnxruntime
@@ -40,20 +41,39 @@ class Parity:
 
 
 def output_step(deployed: nn.Module) -> float:
-    """``s_in · max|W|`` of the last quantized layer of a converted model (nan when it cannot be found)."""
-    if not isinstance(deployed, fx.GraphModule):
-        return float("nan")
-    for node in reversed(list(deployed.graph.nodes)):
-        if node.op != "call_module" or not isinstance(deployed.get_submodule(node.target), IntegerLayer):
-            continue
-        source = node.args[0]
-        if isinstance(source, fx.Node) and source.op == "call_module":
-            quantizer = deployed.get_submodule(source.target)
-            if isinstance(quantizer, FrozenQuantizer):
-                weight = deployed.get_submodule(node.target).weight()
-                return float(quantizer.scale.max()) * float(weight.abs().max())
-        break
+    """``s_in · max|W|`` of the last quantized layer of a converted model (nan when it cannot be found). When the
+    model's root runs as written (opaque), the last traced piece, in module order, holds that layer."""
+    if isinstance(deployed, fx.GraphModule):
+        step = _last_layer_step(deployed)
+        return float("nan") if step is None else step
+    # grafted pieces keep their graph outside the module tree (fxquant.qat_model.graft)
+    for _, module in reversed(list(deployed.named_modules())):
+        if hasattr(module, GRAPH_ATTR):
+            step = _last_layer_step(getattr(module, GRAPH_ATTR))
+            if step is not None:
+                return step
     return float("nan")
+
+
+def _last_layer_step(piece: fx.GraphModule) -> float | None:
+    """The last quantized layer's output step in one graph: an IntegerLayer module, or (a layer traced as its
+    own piece) a linear/conv call on an IntegerWeight's output."""
+    for node in reversed(list(piece.graph.nodes)):
+        if node.op == "call_module" and isinstance(piece.get_submodule(node.target), IntegerLayer):
+            weight = piece.get_submodule(node.target).weight()
+        elif node.op == "call_function" and len(node.args) > 1 and _is_module(piece, node.args[1], IntegerWeight):
+            weight = piece.get_submodule(node.args[1].target)()
+        else:
+            continue
+        if _is_module(piece, node.args[0], FrozenQuantizer):
+            quantizer = piece.get_submodule(node.args[0].target)
+            return float(quantizer.scale.max()) * float(weight.abs().max())
+        return None
+    return None
+
+
+def _is_module(piece: fx.GraphModule, arg: Any, kind: type) -> bool:
+    return isinstance(arg, fx.Node) and arg.op == "call_module" and isinstance(piece.get_submodule(arg.target), kind)
 
 
 def session(path: str | Path, level: str = "enable_all", threads: int = 0) -> Any:
