@@ -142,6 +142,15 @@ def recipe_hash(recipe: fxquant.Recipe) -> str:
     return hashlib.sha256(repr(sections).encode()).hexdigest()[:12]
 
 
+def row_hash(row: Row, bits: str) -> str:
+    """The recipe's hash, plus the row's data settings when it has any (a subset or label noise)."""
+    base = recipe_hash(resolved_recipe(row, bits))
+    if not (row.random_fraction or row.noise):
+        return base
+    data = f"{base}|random={row.random_fraction}|noise={row.noise}"
+    return hashlib.sha256(data.encode()).hexdigest()[:12]
+
+
 def commit() -> str:
     done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
     dirty = subprocess.run(["git", "status", "--porcelain", "fxquant"], capture_output=True, text=True, check=False)
@@ -196,7 +205,7 @@ def run_one(row: Row, bits: str, seed: int, fp_model, train_data, test_loader, c
         "row": row.name,
         "bits": bits,
         "seed": seed,
-        "recipe_hash": recipe_hash(recipe),
+        "recipe_hash": row_hash(row, bits),
         "commit": code,
         "top1": evaluate(qmodel, test_loader)["top1"],
         "seconds": seconds,
@@ -210,7 +219,7 @@ def run_one(row: Row, bits: str, seed: int, fp_model, train_data, test_loader, c
 
 def current_runs(ledger: dict[str, Any], row: Row, bits: str) -> list[dict[str, Any]]:
     """The ledger's runs of this row and width made with the recipe as it resolves today."""
-    wanted = recipe_hash(resolved_recipe(row, bits))
+    wanted = row_hash(row, bits)
     return [r for r in ledger["runs"] if r["row"] == row.name and r["bits"] == bits and r["recipe_hash"] == wanted]
 
 
