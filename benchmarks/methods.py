@@ -259,8 +259,13 @@ def render(ledger: dict[str, Any]) -> str:
             if not mine:
                 continue
             base_runs = current_runs(ledger, ROWS[row.baseline], bits) if row.baseline else []
-            speed = {r["seed"]: r["images_per_second"] for r in base_runs}
-            cost = [speed[r["seed"]] / r["images_per_second"] for r in mine if r["seed"] in speed]
+            # a run paused while it trained (to time something else alone) has no meaningful speed
+            speed = {r["seed"]: r["images_per_second"] for r in base_runs if not r.get("paused_seconds")}
+            cost = [
+                speed[r["seed"]] / r["images_per_second"]
+                for r in mine
+                if r["seed"] in speed and not r.get("paused_seconds")
+            ]
             top1 = [r["top1"] for r in mine]
             table.append(
                 [
