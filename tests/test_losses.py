@@ -305,3 +305,12 @@ def test_ds_first_schedule_starts_with_disagreement_only():
 
     assert evs_weight(0, 10, "ds_first") == 0.0 and evs_weight(10, 10, "ds_first") == pytest.approx(1.0)
     assert evs_weight(0, 10, "paper") == 1.0
+
+
+def test_epoch_means_of_sparse_metrics_average_only_the_steps_that_measured_them():
+    from fxquant.train.loop import EpochTotals
+
+    totals = EpochTotals(seen=30)
+    totals.metric_sums = {"loss": 30.0, "mec.grad_ratio": 0.5 * 10}
+    totals.metric_counts = {"loss": 30, "mec.grad_ratio": 10}
+    assert totals.means() == {"loss": 1.0, "mec.grad_ratio": 0.5}

@@ -99,9 +99,10 @@ class EpochTotals:
     acc_sum: float = 0.0
     seconds: float = 0.0
     metric_sums: dict[str, float] = field(default_factory=dict)  # every step metric, summed × batch size
+    metric_counts: dict[str, int] = field(default_factory=dict)  # samples behind each (some are measured sparsely)
 
     def means(self) -> dict[str, float]:
-        return {name: total / max(self.seen, 1) for name, total in self.metric_sums.items()}
+        return {name: total / max(self.metric_counts[name], 1) for name, total in self.metric_sums.items()}
 
 
 def run_epoch(
@@ -136,6 +137,7 @@ def run_epoch(
         totals.seen += len(y)
         for name, value in metrics.items():
             totals.metric_sums[name] = totals.metric_sums.get(name, 0.0) + value * len(y)
+            totals.metric_counts[name] = totals.metric_counts.get(name, 0) + len(y)
         totals.loss_sum += metrics["loss"] * len(y)
         totals.acc_sum += metrics["acc"] * len(y)
         if bar is not None and task is not None:

@@ -97,6 +97,9 @@ def mec_moe_loss(
     return sum(mec_loss(a, b, eps2, order, lambda_scale, scale, standardized) for a, b in groups) / experts
 
 
+DIAGNOSE_EVERY = 20
+
+
 class MECLoss(AuxLoss[MECConfig]):
     """Recipe ``kind = "mec"``: the student on two views; coding length of the tapped features. Its diagnostics
     report ``grad_ratio``: the norm of this term's gradient at the features over the cross-entropy's, so a user
@@ -104,6 +107,10 @@ class MECLoss(AuxLoss[MECConfig]):
 
     student_views = (0, 1)
     teacher_views = ()
+
+    def __init__(self, config: MECConfig, name: str | None = None):
+        super().__init__(config, name)
+        self.steps = 0
 
     def lambda_scale(self, progress: float, total: float) -> float:
         """λ's multiplier: 1/8 → 1 over the first ``lambda_warmup`` of the run (λ⁻¹ from 8/λ to 1/λ, linear)."""
@@ -121,5 +128,10 @@ class MECLoss(AuxLoss[MECConfig]):
             value = mec_loss(z1, z2, c.eps2, c.order, lambda_scale, c.scale, standardized)
         else:
             value = mec_moe_loss(z1, z2, c.experts, c.eps2, c.order, lambda_scale, c.scale, standardized)
-        self.diagnostics = {"grad_ratio": feature_gradient_ratio(value * self.weight_at(inputs.progress), inputs, z1)}
+        # two extra partial backward passes: measured on every DIAGNOSE_EVERY-th step only, not in the hot path
+        self.steps += 1
+        self.diagnostics = {}
+        if self.steps % DIAGNOSE_EVERY == 1:
+            weighted = value * self.weight_at(inputs.progress)
+            self.diagnostics = {"grad_ratio": feature_gradient_ratio(weighted, inputs, z1)}
         return {"": value}
