@@ -28,7 +28,7 @@ import math
 import statistics
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,7 +55,6 @@ class Row:
     recipe: dict[str, Any] | str = ""  # extra tables over ``lsq_<bits>``; a str names a recipe "<...>_{bits}"
     baseline: str = "lsq"
     widths: tuple[str, ...] = WIDTHS
-    notes: list[str] = field(default_factory=list)
     random_fraction: float = 0.0  # train on a class-balanced random subset of this fraction (ACS's control)
     noise: float = 0.0  # symmetric label noise on the training data (a fixed draw, the same for every row)
 

@@ -21,6 +21,8 @@ drives all weight onto one expert.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -74,17 +76,9 @@ def mec_loss(
     return -factor * series / m
 
 
-def mec_moe_loss(
-    z1: torch.Tensor,
-    z2: torch.Tensor,
-    experts: int,
-    eps2: float = 64.0,
-    order: int = 4,
-    lambda_scale: float = 1.0,
-    scale: str = "lambda_inv",
-    standardized: bool = True,
-) -> torch.Tensor:
-    """MEC over ``experts`` channel groups, each coded separately, averaged with equal gate weights.
+def mec_moe_loss(z1: torch.Tensor, z2: torch.Tensor, experts: int, **options: Any) -> torch.Tensor:
+    """MEC over ``experts`` channel groups, each coded separately (``options`` as :func:`mec_loss` takes them),
+    averaged with equal gate weights; one expert is :func:`mec_loss` itself.
 
     Example usage::
 
@@ -94,7 +88,7 @@ def mec_moe_loss(
     if experts > z1.shape[1]:
         raise ValueError(f"{experts} experts for {z1.shape[1]} feature channels: at most one expert per channel")
     groups = zip(torch.tensor_split(z1, experts, dim=1), torch.tensor_split(z2, experts, dim=1))
-    return sum(mec_loss(a, b, eps2, order, lambda_scale, scale, standardized) for a, b in groups) / experts
+    return sum(mec_loss(a, b, **options) for a, b in groups) / experts
 
 
 DIAGNOSE_EVERY = 20
@@ -123,11 +117,16 @@ class MECLoss(AuxLoss[MECConfig]):
         z1, z2 = inputs.student[0].taps[tap], inputs.student[1].taps[tap]
         lambda_scale = self.lambda_scale(inputs.progress, inputs.total)
         c = self.config
-        standardized = c.features == "standardize"
-        if c.experts == 1:
-            value = mec_loss(z1, z2, c.eps2, c.order, lambda_scale, c.scale, standardized)
-        else:
-            value = mec_moe_loss(z1, z2, c.experts, c.eps2, c.order, lambda_scale, c.scale, standardized)
+        value = mec_moe_loss(
+            z1,
+            z2,
+            c.experts,
+            eps2=c.eps2,
+            order=c.order,
+            lambda_scale=lambda_scale,
+            scale=c.scale,
+            standardized=c.features == "standardize",
+        )
         # two extra partial backward passes: measured on every DIAGNOSE_EVERY-th step only, not in the hot path
         self.steps += 1
         self.diagnostics = {}
