@@ -22,6 +22,7 @@ from fxquant.errors import FxQuantError, PassError, PrepareError, RecipeError, T
 from fxquant.qat_model import PrepareReport, QATModel
 from fxquant.quant import FakeQuantizer, LSQQuantizer, ObserverQuantizer, QuantizerConfig, QuantSpec, make_quantizer
 from fxquant.quant.controls import disable_quant
+from fxquant.quant.layers import QuantizedLayer, register_layer_type
 from fxquant.summary import summary
 from fxquant.train import TrainStep, evaluate
 from fxquant.workflow import calibrate, fit
@@ -29,6 +30,8 @@ from fxquant.workflow import calibrate, fit
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "QuantizedLayer",
+    "register_layer_type",
     "CheckpointError",
     "FakeQuantizer",
     "FxQuantError",

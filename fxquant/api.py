@@ -18,9 +18,10 @@ from torch import fx, nn
 from fxquant.config import Recipe, load_recipe
 from fxquant.config.quoting import quote_key
 from fxquant.errors import FxQuantError, PrepareError, RecipeError, TraceError, closest
-from fxquant.passes import PREPARE_PASSES, PassContext, run_passes, trace_model
+from fxquant.passes import PREPARE_PASSES, PassContext, run_passes, swap_modules, trace_model
 from fxquant.passes.annotate import quantizable_nodes
 from fxquant.qat_model import PrepareOptions, PrepareReport, QATModel, graft
+from fxquant.quant.attention import TraceableAttention
 from fxquant.quant.layers import is_quantizable_module
 from fxquant.search.cost import as_args, measure
 
@@ -109,6 +110,13 @@ def _prepare(
     args = as_args(example_inputs)
     _check_leaf_modules(model, recipe, leaf_modules)
     model = _copy(model)
+    user_leaves = (*recipe.quant.leaf_modules, *leaf_modules)
+    swaps = swap_modules(
+        model,
+        frozenset(m for m in user_leaves if isinstance(m, str)),
+        tuple(m for m in user_leaves if isinstance(m, type)),
+    )
+    model = swaps.model
     mode = model.training
     if args is not None:
         model.eval()
@@ -125,7 +133,7 @@ def _prepare(
     # how float state_dict keys are mapped to the prepared model's.
     float_keys = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
 
-    traced = trace_model(model, (*recipe.quant.leaf_modules, *leaf_modules), concrete_args)
+    traced = trace_model(model, user_leaves, concrete_args)
     if not any(quantizable_nodes(gm) for gm in traced.pieces.values()):
         if traced.first_failure is not None:
             path, err = traced.first_failure
@@ -143,6 +151,7 @@ def _prepare(
     _check_recipe_fits(recipe, ctx)
 
     float_layers = _float_layers(model, {r.name for r in ctx.layers.values()}, traced.opaque)
+    float_layers.update({path: why for path, why in swaps.kept.items() if path in float_layers})
     root = prepared.pop("", model)
     for path, gm in prepared.items():
         graft(model.get_submodule(path), gm)
@@ -153,6 +162,7 @@ def _prepare(
         passes=ctx.records,
         notes=ctx.notes,
         float_layers=float_layers,
+        swapped={**swaps.swapped, **_swapped_layers(model, traced.pieces, traced.opaque)},
     )
     leaf_paths = sorted(
         {m for m in leaf_modules if isinstance(m, str)}
@@ -185,6 +195,8 @@ def _float_layers(model: nn.Module, quantized: set[str], opaque: dict[str, str])
             continue
         if not (is_quantizable_module(module) or isinstance(module, _UNSUPPORTED)):
             continue
+        if isinstance(module, TraceableAttention):  # its projections are listed on their own
+            continue
         holder = next((p for p in _ancestors(path) if p in opaque), None)
         if holder == path:
             found[path] = opaque[path]
@@ -194,6 +206,19 @@ def _float_layers(model: nn.Module, quantized: set[str], opaque: dict[str, str])
             found[path] = f"fxquant has no quantized {type(module).__name__}; it runs in float"
         else:
             found[path] = "not called as a layer by the traced graph (its weights are used directly), kept float"
+    return found
+
+
+def _swapped_layers(model: nn.Module, pieces: dict[str, fx.GraphModule], opaque: dict[str, str]) -> dict[str, str]:
+    """Layers quantized on their own because the code around them cannot be traced: the layer is swapped for its
+    quantized form (weight quantizer, input quantizer) while the opaque forward around it runs as written."""
+    found = {}
+    for path in pieces:
+        if not path or not is_quantizable_module(model.get_submodule(path)):
+            continue
+        holder = next((p for p in _ancestors(path)[1:] if p in opaque), None)
+        if holder is not None:
+            found[path] = f"quantized by module swap: inside {holder or '<root>'}, {opaque[holder]}"
     return found
 
 

@@ -61,6 +61,9 @@ class PrepareReport:
     costs: dict[str, Any] | None = None  # layer name -> fxquant.search.cost.LayerCost, with example inputs
     # every layer with weights that stays float, and why (opaque code, an unsupported type, leaf_modules)
     float_layers: dict[str, str] = field(default_factory=dict)
+    # modules captured by module swap rather than by the traced graph, and how (attention rewritten as traceable
+    # ops; a layer inside code that cannot be traced quantized on its own)
+    swapped: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

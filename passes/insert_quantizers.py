@@ -13,10 +13,13 @@ Running the pass again changes nothing: quantized layers and quantizer-fed input
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import torch
 from torch import fx
 
 from fxquant.quant.layers import ConvBn, QuantizedLayer, to_quantized, weight_channel_axis
-from fxquant.quant.quantizers import FakeQuantizer, make_quantizer
+from fxquant.quant.quantizers import FakeQuantizer, group_problem, make_quantizer
 from fxquant.quant.spec import QuantizerConfig
 
 from .annotate import LAYER_KEY, SPEC_KEY
@@ -35,11 +38,31 @@ def _free_name(gm: fx.GraphModule, base: str) -> str:
 
 
 def _weight_axis_for_function(op: str) -> int:
-    return 1 if op.startswith("conv_transpose") else 0
+    return 1 if op.startswith("conv_transpose") or op == "addmm" else 0
 
 
-def _quantize_module_weight(gm: fx.GraphModule, node: fx.Node, config: QuantizerConfig) -> str:
+def _attribute(gm: fx.GraphModule, target: str) -> object:
+    owner: object = gm
+    for part in target.split("."):
+        owner = getattr(owner, part, None)
+    return owner
+
+
+def _fit_groups(config: QuantizerConfig, weight: object, layer: str, ctx: PassContext) -> QuantizerConfig:
+    """per_group needs rows that split into whole groups; a layer whose rows do not is quantized per channel
+    (as torchao leaves such layers out of its grouped quantizer), and the report says so."""
+    if not isinstance(weight, torch.Tensor):
+        return config
+    problem = group_problem(config, weight)
+    if problem is None:
+        return config
+    ctx.note(f"{layer}: per_group weights fall back to per_channel ({problem})")
+    return replace(config, granularity="per_channel")
+
+
+def _quantize_module_weight(gm: fx.GraphModule, node: fx.Node, config: QuantizerConfig, ctx: PassContext) -> str:
     module = gm.get_submodule(node.target)
+    config = _fit_groups(config, getattr(module, "weight", None), node.meta[LAYER_KEY], ctx)
     if isinstance(module, ConvBn):
         if not isinstance(module.weight_quantizer, FakeQuantizer):
             module.weight_quantizer = make_quantizer(config, "weight", ch_axis=weight_channel_axis(module))
@@ -51,11 +74,16 @@ def _quantize_module_weight(gm: fx.GraphModule, node: fx.Node, config: Quantizer
 
 
 def _quantize_functional_weight(
-    gm: fx.GraphModule, node: fx.Node, config: QuantizerConfig, done: dict[fx.Node, fx.Node], op: str
+    gm: fx.GraphModule, node: fx.Node, config: QuantizerConfig, done: dict[fx.Node, fx.Node], op: str, ctx: PassContext
 ) -> str | None:
     weight = functional_weight(node)
     if weight is None:
         return None
+    if weight.op == "get_attr":
+        config = _fit_groups(config, _attribute(gm, str(weight.target)), node.meta[LAYER_KEY], ctx)
+    elif config.granularity == "per_group":  # a computed weight: its shape is known only when it runs
+        ctx.note(f"{node.meta[LAYER_KEY]}: per_group weights fall back to per_channel (the weight is computed)")
+        config = replace(config, granularity="per_channel")
     if is_quantizer_node(gm, weight):
         return str(weight.target)
     qnode = done.get(weight)
@@ -89,9 +117,9 @@ def insert_quantizers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         )
         if spec.weight is not None:
             if node.op == "call_module":
-                record.weight_quantizer = _quantize_module_weight(gm, node, spec.weight)
+                record.weight_quantizer = _quantize_module_weight(gm, node, spec.weight, ctx)
             else:
-                record.weight_quantizer = _quantize_functional_weight(gm, node, spec.weight, weight_done, op)
+                record.weight_quantizer = _quantize_functional_weight(gm, node, spec.weight, weight_done, op, ctx)
         for _, source in activation_inputs(gm, node):
             quantizer = quantized_source(gm, source)
             if quantizer is not None:

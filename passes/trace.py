@@ -25,6 +25,7 @@ from typing import Any
 from torch import fx, nn
 
 from fxquant.errors import TraceError, closest
+from fxquant.quant.attention import AttentionCore, TraceableAttention
 from fxquant.quant.layers import is_quantizable_module
 
 # Modules whose forward does not call their children (it reads their parameters directly), so tracing the
@@ -55,7 +56,8 @@ class _FallbackTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_paths or (self.leaf_types and isinstance(m, self.leaf_types)):
             return True
-        return super().is_leaf_module(m, module_qualified_name)
+        # a layer fxquant quantizes is one node, whatever library defines it (transformers' Conv1D)
+        return is_quantizable_module(m) or super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         try:
@@ -80,7 +82,8 @@ def _reason(err: BaseException) -> str:
 
 
 def _has_quantizable(module: nn.Module) -> bool:
-    return any(is_quantizable_module(m) for m in module.modules())
+    """Holds a layer with weights, or attention whose products fxquant quantizes."""
+    return any(is_quantizable_module(m) or isinstance(m, (AttentionCore, TraceableAttention)) for m in module.modules())
 
 
 def trace_with_leaves(
@@ -177,7 +180,7 @@ def _mode_dependent(
 
 class _ChildrenAsLeaves(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return "." not in module_qualified_name
+        return "." not in module_qualified_name or is_quantizable_module(m)
 
 
 def _called_children(module: nn.Module) -> set[str] | None:

@@ -17,7 +17,7 @@ if ! "$VENV/bin/python" -c 'import torch, torchvision, sys; sys.exit(not (torch.
     # shellcheck disable=SC2086
     "$VENV/bin/pip" install -q $TORCH_PIN
 fi
-if ! "$VENV/bin/python" -c 'import fxquant, pytest, hypothesis, onnx, onnxscript, onnxruntime' 2>/dev/null; then
+if ! "$VENV/bin/python" -c 'import fxquant, pytest, hypothesis, onnx, onnxscript, onnxruntime, transformers, torchao' 2>/dev/null; then
     echo "[setup] installing fxquant (editable) with its test and export extras"
     "$VENV/bin/pip" install -q -e '.[test,export]'
 fi

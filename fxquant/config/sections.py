@@ -57,6 +57,7 @@ class QuantizerOverride(Section):
     symmetric: bool | None = setting(None)
     observer: str | None = setting(None, choices=QuantizerConfig.__dataclass_fields__["observer"].metadata["choices"])
     init: str | None = setting(None, choices=QuantizerConfig.__dataclass_fields__["init"].metadata["choices"])
+    group_size: int | None = setting(None, check=QuantizerConfig.__dataclass_fields__["group_size"].metadata["check"])
 
     def changes(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if v is not None}
@@ -101,18 +102,31 @@ class QuantSection(Section):
     last_layer: LayerBits = setting(LayerBits())
     bn: str = setting("keep", choices=("keep", "fold"), doc="keep batch norm, or fold it into the conv")
     leaf_modules: tuple[str, ...] = setting((), one_or_many=True, doc="module paths kept whole and in float")
+    attention: str = setting(
+        "fused",
+        choices=("fused", "explicit"),
+        doc="F.scaled_dot_product_attention calls: fused (q, k, v quantized) or explicit (matmuls, softmax output "
+        "quantized too)",
+    )
     rule: tuple[Rule, ...] = setting((), doc="ordered overrides; the last match wins")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         # rules know their position (for error messages), and their overrides must make valid configs
         object.__setattr__(self, "rule", tuple(replace(r, index=i) for i, r in enumerate(self.rule)))
+        for role in ("weight", "activation"):
+            problem = getattr(self, role).role_problem(role)
+            if problem:
+                raise ValueError(f"quant.{role}: {problem}")
         for r in self.rule:
             for role in ("weight", "activation"):
                 try:
-                    getattr(r, role).apply(getattr(self, role))
+                    config = getattr(r, role).apply(getattr(self, role))
                 except ValueError as err:
                     raise ValueError(f"{r.key_path}.{role}: {err}") from None
+                problem = config.role_problem(role)
+                if problem:
+                    raise ValueError(f"{r.key_path}.{role}: {problem}")
 
     @property
     def rules(self) -> tuple[Rule, ...]:

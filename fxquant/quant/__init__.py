@@ -7,13 +7,21 @@ Nothing here imports passes, training, search or the API: the runtime stands on 
 from .controls import LayerQuantizers, apply_bit_plan, check_plan_layers, disable_quant, quantizers_of
 from .kernel import fake_quantize
 from .layers import ConvBn, QuantizedLayer, is_quantizable_module, to_quantized, weight_channel_axis
-from .quantizers import FakeQuantizer, LSQQuantizer, ObserverQuantizer, integer_range, make_quantizer
+from .quantizers import (
+    DynamicQuantizer,
+    FakeQuantizer,
+    LSQQuantizer,
+    ObserverQuantizer,
+    integer_range,
+    make_quantizer,
+)
 from .spec import FULL_PRECISION_BITS, QuantizerConfig, QuantSpec, check_bits
 from .taps import FeaturePerturbation, Tap, TapStore, parse_selector
 
 __all__ = [
     "FULL_PRECISION_BITS",
     "ConvBn",
+    "DynamicQuantizer",
     "FakeQuantizer",
     "FeaturePerturbation",
     "LSQQuantizer",

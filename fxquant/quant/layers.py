@@ -12,6 +12,8 @@ statistics and updates its running statistics during training (Jacob et al. 2018
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +25,8 @@ class QuantizedLayer:
     """Marker and shared behaviour of layers whose weight is fake-quantized."""
 
     weight_quantizer: FakeQuantizer
+    float_name: str | None = None  # the float type's name when it is not the class name without "Quant"
+    weight_axis: int = 0  # the output-channel axis of the weight
 
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quantizer(self.weight)
@@ -81,6 +85,22 @@ class QuantConvTranspose2d(_QuantConvTransposeNd, nn.ConvTranspose2d):
 class QuantConvTranspose3d(_QuantConvTransposeNd, nn.ConvTranspose3d):
     _functional = F.conv_transpose3d
     _spatial_dims = 3
+
+
+class QuantTransposedLinear(QuantizedLayer, nn.Module):
+    """Hugging Face ``transformers``' ``Conv1D`` (GPT-2): a linear layer whose weight is stored (in, out).
+
+    Built by :func:`to_quantized` from a ``Conv1D`` (its ``weight``, ``bias`` and ``nf`` are shared); computes
+    ``addmm`` exactly as ``Conv1D`` does, with the weight quantized per output channel (axis 1).
+    """
+
+    float_name = "Conv1D"
+    weight_axis = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size_out = (*x.size()[:-1], self.nf)
+        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.quantized_weight())
+        return x.view(size_out)
 
 
 class ConvBn(QuantizedLayer, nn.Module):
@@ -149,15 +169,59 @@ QUANTIZED_CLASS: dict[type[nn.Module], type[nn.Module]] = {
 QUANTIZED_CLASS[nn.modules.linear.NonDynamicallyQuantizableLinear] = QuantLinear
 
 
+# Layer types users add with register_layer_type (an explicit call, never an import side effect).
+_REGISTERED: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def register_layer_type(float_cls: type[nn.Module], quantized_cls: type[nn.Module]) -> None:
+    """Teach fxquant to quantize ``float_cls`` layers: they become ``quantized_cls``, which must subclass
+    :class:`QuantizedLayer` and compute with ``self.quantized_weight()``; it receives the float layer's
+    attributes and parameters (``state_dict`` keys stay the same). Set ``weight_axis`` on it when the output
+    channels are not the weight's first axis.
+
+    Example usage::
+
+        class QuantMyLinear(QuantizedLayer, MyLinear):
+            def forward(self, x):
+                return my_linear(x, self.quantized_weight(), self.bias)
+
+        fxquant.register_layer_type(MyLinear, QuantMyLinear)
+    """
+    if not (isinstance(float_cls, type) and issubclass(float_cls, nn.Module)):
+        raise TypeError(f"register_layer_type: {float_cls!r} is not an nn.Module class")
+    if not (isinstance(quantized_cls, type) and issubclass(quantized_cls, QuantizedLayer)):
+        raise TypeError(f"register_layer_type: {quantized_cls!r} must subclass fxquant.quant.QuantizedLayer")
+    _REGISTERED[float_cls] = quantized_cls
+
+
+def _transformers_conv1d() -> type | None:
+    """transformers' Conv1D class when transformers is already imported (a model using it is), else None."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None) if module is not None else None
+
+
+def quantized_class(module: nn.Module) -> type[nn.Module] | None:
+    """The quantized class for a float layer, or None when fxquant has none."""
+    cls = QUANTIZED_CLASS.get(type(module)) or _REGISTERED.get(type(module))
+    if cls is None and type(module) is _transformers_conv1d():
+        cls = QuantTransposedLinear
+    return cls
+
+
 def weight_channel_axis(module: nn.Module) -> int:
-    """The output-channel axis of a layer's weight: 1 for transposed convolutions, else 0."""
+    """The output-channel axis of a layer's weight: 1 for transposed convolutions and ``Conv1D``, else 0."""
     layer = module.conv if isinstance(module, ConvBn) else module
+    if isinstance(layer, QuantizedLayer) and not isinstance(layer, ConvBn):
+        return 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else type(layer).weight_axis
+    cls = quantized_class(layer)
+    if cls is not None and cls.weight_axis:
+        return cls.weight_axis
     return 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0
 
 
 def is_quantizable_module(module: nn.Module) -> bool:
     """A float layer fxquant knows how to quantize, or one already quantized."""
-    return type(module) in QUANTIZED_CLASS or isinstance(module, (QuantizedLayer, ConvBn))
+    return quantized_class(module) is not None or isinstance(module, (QuantizedLayer, ConvBn))
 
 
 def to_quantized(module: nn.Module, weight_quantizer: FakeQuantizer) -> nn.Module:
@@ -167,7 +231,7 @@ def to_quantized(module: nn.Module, weight_quantizer: FakeQuantizer) -> nn.Modul
     """
     if isinstance(module, QuantizedLayer):
         return module
-    cls = QUANTIZED_CLASS.get(type(module))
+    cls = quantized_class(module)
     if cls is None:
         raise TypeError(f"fxquant cannot quantize a {type(module).__name__}")
     quantized = cls.__new__(cls)

@@ -6,8 +6,12 @@ step (scale), returning floats ("fake" quantization). The rewritten graph calls 
 * :class:`LSQQuantizer` — learned step size (Esser et al., ICLR 2020), gradient scale g = 1/sqrt(N·Qp),
   step initialised to 2·mean|x|/sqrt(Qp) on the first batch. With ``learn_offset`` it is LSQ+ (a learned zero
   point in integer units, rounded in the forward pass, as MQBench does).
+  ``per_group`` weights have one learned step per group of ``group_size`` consecutive input channels of each
+  output channel (int4 LLM weights, torchao's "8da4w").
 * :class:`ObserverQuantizer` — step and zero point from running statistics (``torch.ao`` observers), no
   learned parameters; what post-training quantization (``ptq_w8a8``) uses.
+* :class:`DynamicQuantizer` — ``per_token`` activations: each token's step (and zero point) from its own range,
+  recomputed on every forward; nothing learned, nothing to initialise.
 
 Both call :func:`fxquant.fake_quant.fake_quantize` (vectorised elementwise ops with LSQ's gradients, several
 times faster on CPU than torch's fused fake-quant kernels, whose values and gradients it reproduces).
@@ -66,6 +70,8 @@ class FakeQuantizer(nn.Module):
         self.role = role
         self._bits = config.bits
         self.ch_axis = ch_axis if config.granularity == "per_channel" else None
+        # per_group: the tensor is seen as (groups, group_size) rows, one step per row
+        self.group_size = config.group_size if config.granularity == "per_group" else None
         self.enabled = True
         # -1 undecided, 0 unsigned, 1 signed; a buffer so that save/load restores the decision.
         self.register_buffer("signed_flag", torch.tensor(-1 if signed is None else int(signed), dtype=torch.int8))
@@ -138,8 +144,14 @@ class FakeQuantizer(nn.Module):
         """x as (channels, everything else)."""
         return x.detach().transpose(0, self.ch_axis).reshape(x.shape[self.ch_axis], -1)
 
+    def _grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """x as (groups, group_size): consecutive elements of each output channel's row share a step."""
+        return x.reshape(-1, self.group_size)
+
     def extra_repr(self) -> str:
         gran = f"per_channel(axis={self.ch_axis})" if self.ch_axis is not None else "per_tensor"
+        if self.group_size is not None:
+            gran = f"per_group(size={self.group_size})"
         sign = {None: "sign=auto", True: "signed", False: "unsigned"}[self.signed]
         return f"bits={self._bits}, {self.config.scheme}, {gran}, {sign}, enabled={self.enabled}"
 
@@ -192,7 +204,10 @@ class LSQQuantizer(FakeQuantizer):
         ``init = "mse"`` the clipping range of least squared quantization error."""
         self._decide_sign(x)
         qmin, qmax = self.qrange()
-        flat = x.detach().reshape(1, -1) if self.ch_axis is None else self._per_channel_view(x)
+        if self.group_size is not None:
+            flat = self._grouped(x.detach())
+        else:
+            flat = x.detach().reshape(1, -1) if self.ch_axis is None else self._per_channel_view(x)
         if self.init == "mse":
             scale, zero_point = self._mse_range(flat, qmin, qmax)
         elif self.learn_offset:
@@ -299,12 +314,17 @@ class LSQQuantizer(FakeQuantizer):
         step.data.clamp_(min=_EPS)
         grad_factor = 1.0 / math.sqrt(self._elements_per_step(x) * qmax)
         zero_point = self.zero_point if self.learn_offset else None
+        if self.group_size is not None:
+            grouped = fake_quantize(self._grouped(x), step, zero_point, qmin, qmax, 0, grad_factor)
+            return grouped.reshape(x.shape)
         return fake_quantize(x, step, zero_point, qmin, qmax, self.ch_axis, grad_factor)
 
     def _elements_per_step(self, x: torch.Tensor) -> float:
         """N of LSQ's gradient scale: the elements one step quantizes — for a weight all of them (per
         channel: the channel's), for an activation the features of one sample."""
         n = x.numel()
+        if self.group_size is not None:
+            return float(self.group_size)
         if self.ch_axis is not None:
             n /= x.shape[self.ch_axis]
         if self.role == "activation" and x.dim() > 1:
@@ -378,6 +398,63 @@ class ObserverQuantizer(FakeQuantizer):
             self._update_qparams()
 
 
+class DynamicQuantizer(FakeQuantizer):
+    """Per-token dynamic quantization of activations: every token (each row of the last axis) gets the step
+    that maps its own range onto the grid, on every forward. Asymmetric configs use the token's [min, max]
+    (widened to hold zero) and a zero point, symmetric ones max|x|. Gradients pass straight through (every
+    value lies inside its token's range). Nothing is learned or initialised, so nothing is saved either.
+
+    Example usage::
+
+        q = DynamicQuantizer(QuantizerConfig(bits=8, granularity="per_token", symmetric=False))
+        x_hat = q(torch.randn(2, 16, 64))     # 32 tokens, 32 steps
+    """
+
+    def __init__(
+        self,
+        config: QuantizerConfig,
+        ch_axis: int | None = None,
+        signed: bool | None = None,
+        role: str = "activation",
+    ):
+        if not config.symmetric:
+            signed = True  # an asymmetric grid is placed by its zero point; signed int8 as torchao's 8da4w
+        super().__init__(config, None, signed, role)
+        self.initialized.fill_(True)
+
+    def token_qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(step, zero point or None) of each token of ``x``, as flat vectors over the tokens."""
+        self._decide_sign(x)
+        qmin, qmax = self.qrange()
+        rows = x.detach().reshape(-1, x.shape[-1])
+        if self.config.symmetric:
+            bound = rows.abs().amax(dim=1)
+            return (bound / qmax).clamp(min=_EPS), None
+        lo, hi = rows.amin(dim=1).clamp(max=0), rows.amax(dim=1).clamp(min=0)
+        return _affine_grid(lo, hi, qmin, qmax)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.is_active:
+            return x
+        scale, zero_point = self.token_qparams(x)
+        qmin, qmax = self.qrange()
+        rows = fake_quantize(x.reshape(-1, x.shape[-1]), scale, zero_point, qmin, qmax, 0)
+        return rows.reshape(x.shape)
+
+    def step_range(self) -> tuple[float, float] | None:
+        return None  # dynamic: there is no stored step
+
+
+def group_problem(config: QuantizerConfig, weight: torch.Tensor) -> str | None:
+    """Why ``weight`` cannot be quantized in groups of ``config.group_size`` (its rows must split evenly)."""
+    if config.granularity != "per_group":
+        return None
+    row = weight[0].numel() if weight.dim() > 0 else 1
+    if row % config.group_size:
+        return f"its rows hold {row} input elements, not a multiple of group_size {config.group_size}"
+    return None
+
+
 def make_quantizer(config: QuantizerConfig, role: str, ch_axis: int | None = None) -> FakeQuantizer:
     """Build the quantizer a config asks for. ``role`` is ``weight`` (signed, whole-tensor gradient
     scale) or ``activation`` (sign decided on the first batch unless the config is asymmetric).
@@ -386,6 +463,11 @@ def make_quantizer(config: QuantizerConfig, role: str, ch_axis: int | None = Non
 
         make_quantizer(QuantizerConfig(bits=4, granularity="per_channel"), "weight", ch_axis=0)
     """
+    problem = config.role_problem(role)
+    if problem:
+        raise ValueError(problem)
     signed = True if role == "weight" and config.symmetric else None
+    if config.is_dynamic:
+        return DynamicQuantizer(config, None, signed, role)
     cls = ObserverQuantizer if config.scheme == "observer" else LSQQuantizer
     return cls(config, ch_axis, signed, role)

@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 SCHEMES = ("lsq", "lsq_plus", "observer")
-GRANULARITIES = ("per_tensor", "per_channel")
+GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
+WEIGHT_GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+ACTIVATION_GRANULARITIES = ("per_tensor", "per_channel", "per_token")
 OBSERVERS = ("minmax", "moving_average", "histogram")
 INITS = ("default", "mse")
 FULL_PRECISION_BITS = (16, 32)
@@ -31,6 +33,12 @@ def check_bits(bits: int, what: str = "bits") -> None:
         raise ValueError(problem)
 
 
+def _group_size_problem(value: object) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return f"group_size must be a positive integer, got {value!r}"
+    return None
+
+
 def _choice(default: str, choices: tuple[str, ...], doc: str) -> str:
     return field(default=default, metadata={"choices": choices, "doc": doc})
 
@@ -46,13 +54,21 @@ class QuantizerConfig:
 
     bits: int = field(default=8, metadata={"check": bits_problem, "doc": "2..8, or 16/32 for full precision"})
     scheme: str = _choice("lsq", SCHEMES, "learned step (LSQ), learned step and offset (LSQ+), or observed range")
-    granularity: str = _choice("per_tensor", GRANULARITIES, "one step per tensor or per output channel")
+    granularity: str = _choice(
+        "per_tensor",
+        GRANULARITIES,
+        "one step per tensor, per output channel, per group of group_size input channels (weights), or per token "
+        "from each token's range on every forward (activations, dynamic: nothing learned)",
+    )
     symmetric: bool = field(default=True, metadata={"doc": "symmetric grid (no offset)"})
     observer: str = _choice("minmax", OBSERVERS, "range statistics of scheme = observer")
     # How a learned step (and offset) starts: "default" is LSQ's 2·mean|x|/sqrt(Qp) for symmetric and the
     # batch min/max for LSQ+; "mse" the clipping range that minimises the squared quantization error (LSQ+'s
     # recommendation; at 2-bit activations min/max puts most values on the zero level).
     init: str = _choice("default", INITS, "learned step start: default (LSQ / min-max) or mse")
+    group_size: int = field(
+        default=32, metadata={"check": _group_size_problem, "doc": "input channels per step of per_group weights"}
+    )
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -64,6 +80,11 @@ class QuantizerConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        problem = _group_size_problem(self.group_size)
+        if problem:
+            raise ValueError(problem)
+        if self.granularity == "per_group" and self.scheme == "observer":
+            raise ValueError("granularity = 'per_group' needs a learned step (scheme 'lsq' or 'lsq_plus')")
 
     @property
     def is_full_precision(self) -> bool:
@@ -73,6 +94,18 @@ class QuantizerConfig:
     def learns_offset(self) -> bool:
         """LSQ+ : a learned zero point. ``lsq_plus`` always, ``lsq`` when asymmetric."""
         return self.scheme == "lsq_plus" or (self.scheme == "lsq" and not self.symmetric)
+
+    @property
+    def is_dynamic(self) -> bool:
+        """Steps computed from each token on every forward (per_token), nothing learned or observed."""
+        return self.granularity == "per_token"
+
+    def role_problem(self, role: str) -> str | None:
+        """Why this config cannot quantize a ``role`` ("weight" / "activation") tensor, or None."""
+        allowed = WEIGHT_GRANULARITIES if role == "weight" else ACTIVATION_GRANULARITIES
+        if self.granularity not in allowed:
+            return f"granularity {self.granularity!r} is not for {role}s; use one of {allowed}"
+        return None
 
     def with_bits(self, bits: int) -> QuantizerConfig:
         return replace(self, bits=bits)

@@ -45,6 +45,17 @@ def layer_macs(gm: fx.GraphModule, node: fx.Node, op: str) -> int:
         a = _shape(node.args[0])
         k = a[-1] if a else 0
         return math.prod(out[1:]) * k if len(out) > 1 else math.prod(out) * k
+    if op == "einsum":  # every index of the equation is one loop: the product of their sizes, per sample
+        sizes: dict[str, int] = {}
+        inputs = node.args[0].replace(" ", "").split("->")[0].split(",")
+        for letters, operand in zip(inputs, node.args[1:]):
+            for letter, size in zip(letters, _shape(operand) or ()):
+                sizes[letter] = size
+        batch = out[0] if out else 1
+        return math.prod(sizes.values()) // max(batch, 1) if sizes else 0
+    if op == "sdpa":  # q·kᵀ and attn·v: 2 · heads · target · source · dim per sample
+        q, k = _shape(node.args[0]), _shape(node.args[1])
+        return 2 * math.prod(q[1:]) * k[-2] if q and k and len(q) > 1 else 0
     if node.op == "call_module":
         weight_shape = tuple(gm.get_submodule(node.target).weight.shape)
     else:
@@ -54,7 +65,7 @@ def layer_macs(gm: fx.GraphModule, node: fx.Node, op: str) -> int:
     if "transpose" in op.lower():
         source = _shape(node.args[0])
         return math.prod(weight_shape) * math.prod(source[2:]) if source else 0
-    if "linear" in op.lower():
+    if "linear" in op.lower() or op in ("Conv1D", "addmm"):
         return math.prod(weight_shape) * math.prod(out[1:-1])
     return math.prod(weight_shape) * math.prod(out[2:])
 
