@@ -30,8 +30,6 @@ from fxquant.workflow import calibrate, fit
 __version__ = "0.1.0.dev0"
 
 __all__ = [
-    "QuantizedLayer",
-    "register_layer_type",
     "CheckpointError",
     "FakeQuantizer",
     "FxQuantError",
@@ -42,6 +40,7 @@ __all__ = [
     "PrepareReport",
     "QATModel",
     "QuantSpec",
+    "QuantizedLayer",
     "QuantizerConfig",
     "Recipe",
     "RecipeError",
@@ -63,6 +62,7 @@ __all__ = [
     "models",
     "prepare_qat",
     "quant",
+    "register_layer_type",
     "save",
     "search",
     "summary",

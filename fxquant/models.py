@@ -1,6 +1,7 @@
 """Reference networks for 28×28 grayscale images, the benchmark networks of every fxquant method:
 
 * :func:`resnet20` — CIFAR-style ResNet-20 (He et al. 2016): 3 stages of 3 basic blocks, widths 16/32/64.
+* :func:`vit_tiny` — a small Vision Transformer (torchvision's, 7×7 patches, 4 layers of width 64).
 * :func:`mobilenet_v2_small` — a MobileNetV2-style net (Sandler et al. 2018): inverted residual blocks with
   depthwise convolutions and linear bottlenecks, the architecture that is notoriously hard to quantize
   (depthwise weights have few elements per channel and wide ranges).
@@ -9,7 +10,9 @@
 from __future__ import annotations
 
 import torch
+import torchvision
 from torch import nn
+from torchvision.models.vision_transformer import VisionTransformer
 
 from fxquant.errors import closest
 
@@ -138,7 +141,24 @@ def mobilenet_v2_small(num_classes: int = 10, in_channels: int = 1, width: float
     return MobileNetV2Small(num_classes, in_channels, width)
 
 
-MODELS = {"resnet20": resnet20, "mobilenet_v2_small": mobilenet_v2_small}
+def vit_tiny(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """A small Vision Transformer for 28×28 images: 7×7 patches (16 tokens and a class token), 4 encoder
+    layers of width 64 with 4 heads — torchvision's ``VisionTransformer``, so its attention is
+    ``nn.MultiheadAttention``, what fxquant must quantize to ship transformers.
+
+    Example usage::
+
+        model = fxquant.models.vit_tiny()
+        logits = model(torch.randn(8, 1, 28, 28))
+    """
+    model = VisionTransformer(
+        image_size=28, patch_size=7, num_layers=4, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=num_classes
+    )
+    model.conv_proj = nn.Conv2d(in_channels, 64, kernel_size=7, stride=7)
+    return model
+
+
+MODELS = {"resnet20": resnet20, "mobilenet_v2_small": mobilenet_v2_small, "vit_tiny": vit_tiny}
 
 
 def build(name: str, num_classes: int | None = None, in_channels: int = 1) -> nn.Module:
@@ -152,8 +172,6 @@ def build(name: str, num_classes: int | None = None, in_channels: int = 1) -> nn
         fxquant.models.build("torchvision:resnet18", num_classes=10)
     """
     if name.startswith("torchvision:"):
-        import torchvision
-
         tv_name = name.split(":", 1)[1]
         kwargs: dict = {"weights": None}
         if num_classes is not None:

@@ -179,9 +179,11 @@ def cached_float_model(
     seed: int = 0,
     cache: str | Path = ".fxquant_cache",
     description: str = "FP32",
+    config: TrainConfig | None = None,
 ) -> tuple[nn.Module, float]:
     """(model, seconds spent training): ``build()`` with the weights in ``cache/<key>.pt`` when that file exists,
-    else trained by :func:`fit` for ``epochs`` with :data:`FLOAT_TRAINING` (seeded) and saved there. What the
+    else trained by :func:`fit` for ``epochs`` with ``config`` (default :data:`FLOAT_TRAINING`; seeded) and
+    saved there. What the
     demo and the benchmarks start QAT from; ``key`` must name everything the training depends on.
 
     Example usage::
@@ -195,7 +197,8 @@ def cached_float_model(
         model.load_state_dict(torch.load(path, weights_only=True))
         return model, 0.0
     start = time.perf_counter()
-    fit(model, train_data, None, FLOAT_TRAINING.override(epochs=epochs), description=description, seed=seed)
+    training = (config or FLOAT_TRAINING).override(epochs=epochs)
+    fit(model, train_data, None, training, description=description, seed=seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
     return model, time.perf_counter() - start

@@ -1,7 +1,8 @@
 """swap_modules: before tracing, replace attention modules whose products a trace cannot see.
 
 * ``nn.MultiheadAttention`` → :class:`~fxquant.quant.attention.QuantizableMultiheadAttention`;
-* torchvision's ``ShiftedWindowAttention`` (V1, V2) → :mod:`fxquant.quant.swin`'s traceable forms;
+* torchvision's ``ShiftedWindowAttention`` (V1, V2) → :mod:`fxquant.quant.swin`'s traceable forms, and MaxViT's
+  ``RelativePositionalMultiHeadAttention`` → :mod:`fxquant.quant.maxvit`'s;
 * Hugging Face attention modules get an ``fxquant_attention`` core child, and their configs the ``fxquant``
   attention implementation (registered with ``transformers`` here, once, when such a model is prepared).
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from fxquant.quant import hf
 from fxquant.quant.attention import QuantizableMultiheadAttention, TraceableAttention
+from fxquant.quant.maxvit import TRACEABLE_MAXVIT
 from fxquant.quant.swin import TRACEABLE_SWIN
 
 
@@ -38,7 +40,7 @@ def _replacement(module: nn.Module) -> tuple[nn.Module | None, str]:
         if problem:
             return None, problem
         return QuantizableMultiheadAttention.from_float(module), "MultiheadAttention rewritten as traceable ops"
-    cls = TRACEABLE_SWIN.get(type(module))
+    cls = TRACEABLE_SWIN.get(type(module)) or TRACEABLE_MAXVIT.get(type(module))
     if cls is not None:
         return cls.from_float(module), f"{type(module).__name__} rewritten as traceable ops"
     return None, ""

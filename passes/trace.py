@@ -18,6 +18,7 @@ The result is a set of *pieces*: graph modules, each at a module path ("" when t
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,6 +122,9 @@ def trace_with_leaves(
     raise RuntimeError(f"gave up tracing {type(root).__name__} after {_MAX_RETRIES} fallbacks")
 
 
+_CONSTANT_NUMBER = re.compile(r"_tensor_constant\d+")
+
+
 class ModeDependentForward(Exception):
     """A forward computes differently in train and eval mode (it reads ``self.training``), so one trace cannot
     stand for both. Tagged with the module whose own code branches, like a tracing error."""
@@ -140,6 +144,8 @@ def _signature(graph: fx.Graph) -> list[tuple[str, str, str, tuple[str, ...]]]:
             stack = stack[:-1]  # the call is made by the calling module's code, not the callee's
         owner = stack[-1][0] if stack else ""
         target = node.target if isinstance(node.target, str) else getattr(node.target, "__qualname__", str(node.target))
+        if node.op == "get_attr":  # constants are numbered per trace (_tensor_constant0, then 1): not a difference
+            target = _CONSTANT_NUMBER.sub("_tensor_constant", target)
         rows.append((node.op, target, constants((node.args, node.kwargs)), (owner,)))
     return rows
 

@@ -6,8 +6,10 @@ itself, the independent reference); state_dict keys stay the float model's; ever
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -202,3 +204,28 @@ def test_swin_attention_quantized_and_exact_when_off():
         assert not qmodel.report.float_layers
         qmodel.train()
         qmodel(x).sum().backward()
+
+
+def _weight_share(model: nn.Module, quantized: set[str]) -> float:
+    """Share of conv/linear weight elements (MultiheadAttention's packed projection included) quantized."""
+    total = done = 0
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            total += module.weight.numel()
+            done += module.weight.numel() if name in quantized else 0
+        if isinstance(module, nn.MultiheadAttention):
+            total += module.in_proj_weight.numel()
+            done += module.in_proj_weight.numel() if f"{name}.in_proj" in quantized else 0
+    return done / total
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vit_b_16", "swin_t", "swin_v2_t", "maxvit_t"])
+def test_torchvision_transformers_fully_quantized(name):
+    model = torchvision.models.get_model(name, weights=None)
+    qmodel = fxquant.prepare_qat(model, "lsq_w4a4")
+    quantized = {r.name for r in qmodel.report.layers}
+    assert _weight_share(model, quantized) == 1.0
+    products = [r for r in qmodel.report.layers if r.op in ("matmul", "einsum")]
+    assert len(products) >= 2 * 12 and all(len(r.activation_quantizers) == 2 for r in products)
+    assert not qmodel.report.float_layers
