@@ -229,3 +229,21 @@ def test_torchvision_transformers_fully_quantized(name):
     products = [r for r in qmodel.report.layers if r.op in ("matmul", "einsum")]
     assert len(products) >= 2 * 12 and all(len(r.activation_quantizers) == 2 for r in products)
     assert not qmodel.report.float_layers
+
+
+def test_vit_with_quantized_attention_converts_and_exports(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = fxquant.models.vit_tiny().eval()
+    x = torch.randn(2, 1, 28, 28)
+    qmodel = fxquant.prepare_qat(model, "lsq_w4a4", x)
+    qmodel(x)  # initialise the steps
+    qmodel.eval()
+    with torch.no_grad():
+        expected = qmodel(x)
+        torch.testing.assert_close(fxquant.convert(qmodel)(x), expected)
+    path = tmp_path / "vit.onnx"
+    fxquant.export_onnx(qmodel, path, x)
+    session = ort.InferenceSession(str(path))
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), expected, atol=1e-4, rtol=1e-4)
