@@ -41,6 +41,8 @@ COMMANDS = [
     "--tag budgets_avg3",
     "sharpness.py --only-budgets --budgets avg2 --methods hessian,sam --search-first-last --tag budgets_avg2",
     "export.py",
+    "coverage.py",
+    "vit_fmnist.py --train-images 60000 --fp-epochs 6 --qat-epochs 2",
     # the seeded methods table (hours; resumable: a second call runs only what the ledger lacks)
     "methods.py --seeds 0,1,2",
 ]

@@ -162,7 +162,10 @@ def _prepare(
         passes=ctx.records,
         notes=ctx.notes,
         float_layers=float_layers,
-        swapped={**swaps.swapped, **_swapped_layers(model, traced.pieces, traced.opaque)},
+        swapped={
+            **swaps.swapped,
+            **_swapped_layers(model, traced.pieces, traced.opaque, {r.name for r in ctx.layers.values()}),
+        },
     )
     leaf_paths = sorted(
         {m for m in leaf_modules if isinstance(m, str)}
@@ -183,7 +186,7 @@ def _prepare(
 
 
 # Layers with weights fxquant has no quantized form for (yet): they run in float and the report says so.
-_UNSUPPORTED = (nn.RNNBase, nn.MultiheadAttention, nn.Embedding, nn.EmbeddingBag, nn.Bilinear)
+_UNSUPPORTED = (nn.RNNBase, nn.MultiheadAttention, nn.EmbeddingBag, nn.Bilinear)
 
 
 def _float_layers(model: nn.Module, quantized: set[str], opaque: dict[str, str]) -> dict[str, str]:
@@ -198,7 +201,9 @@ def _float_layers(model: nn.Module, quantized: set[str], opaque: dict[str, str])
         if isinstance(module, TraceableAttention):  # its projections are listed on their own
             continue
         holder = next((p for p in _ancestors(path) if p in opaque), None)
-        if holder == path:
+        if isinstance(module, nn.Embedding):
+            found[path] = "embeddings stay float unless a [[quant.rule]] selects them (weight-only)"
+        elif holder == path:
             found[path] = opaque[path]
         elif holder is not None:
             found[path] = f"inside {holder or '<root>'}: {opaque[holder]}"
@@ -209,12 +214,14 @@ def _float_layers(model: nn.Module, quantized: set[str], opaque: dict[str, str])
     return found
 
 
-def _swapped_layers(model: nn.Module, pieces: dict[str, fx.GraphModule], opaque: dict[str, str]) -> dict[str, str]:
+def _swapped_layers(
+    model: nn.Module, pieces: dict[str, fx.GraphModule], opaque: dict[str, str], quantized: set[str]
+) -> dict[str, str]:
     """Layers quantized on their own because the code around them cannot be traced: the layer is swapped for its
     quantized form (weight quantizer, input quantizer) while the opaque forward around it runs as written."""
     found = {}
     for path in pieces:
-        if not path or not is_quantizable_module(model.get_submodule(path)):
+        if not path or path not in quantized or not is_quantizable_module(model.get_submodule(path)):
             continue
         holder = next((p for p in _ancestors(path)[1:] if p in opaque), None)
         if holder is not None:

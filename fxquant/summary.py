@@ -192,16 +192,26 @@ def summary(qmodel: QATModel, example_inputs: Any = None, format: str = "rich") 
     ]
     if opaque:
         parts.append(tabulate(opaque, headers=["kept opaque (float)", "reason"], tablefmt=fmt))
+    swapped = sorted(qmodel.report.swapped.items())
+    if swapped:
+        parts.append(tabulate(swapped, headers=["captured by module swap", "how"], tablefmt=fmt))
     floating = sorted(qmodel.report.float_layers.items())
     if floating:
         parts.append(tabulate(floating, headers=["layer left in float", "reason"], tablefmt=fmt))
     text = "\n\n".join(parts) + "\n"
     if format == "rich":
-        _print_rich(qmodel, rows, totals, opaque, floating)
+        _print_rich(
+            qmodel,
+            rows,
+            totals,
+            {"kept opaque (float)": opaque, "captured by module swap": swapped, "layers left in float": floating},
+        )
     return text
 
 
-def _print_rich(qmodel: QATModel, rows: list[SummaryRow], totals: dict[str, Any], opaque: list, floating: list) -> None:
+def _print_rich(
+    qmodel: QATModel, rows: list[SummaryRow], totals: dict[str, Any], listings: dict[str, list[tuple[str, str]]]
+) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -221,7 +231,7 @@ def _print_rich(qmodel: QATModel, rows: list[SummaryRow], totals: dict[str, Any]
     for cells in _total_rows(totals):
         totals_table.add_row(*cells)
     console.print(totals_table)
-    for title, entries in (("kept opaque (float)", opaque), ("layers left in float", floating)):
+    for title, entries in listings.items():
         if entries:
             listing = Table(title=title)
             listing.add_column("module")

@@ -15,15 +15,16 @@ from torch import fx
 from fxquant.quant.spec import QuantSpec
 
 from .context import PassContext
-from .patterns import has_weight_arg, layer_name, op_type
+from .patterns import EMBEDDING_OPS, has_weight_arg, layer_name, op_type
 
 SPEC_KEY = "fxquant_spec"
 LAYER_KEY = "fxquant_layer"
 ROLE_KEY = "fxquant_role"
 
 
-def quantizable_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if op_type(gm, n) is not None]
+def quantizable_nodes(gm: fx.GraphModule, embeddings: bool = False) -> list[fx.Node]:
+    """Nodes of quantizable ops; embedding lookups only when asked (they are opt-in, and never first or last)."""
+    return [n for n in gm.graph.nodes if (op := op_type(gm, n)) is not None and (embeddings or op not in EMBEDDING_OPS)]
 
 
 def _reach(nodes: list[fx.Node], forward: bool) -> set[fx.Node]:
@@ -62,11 +63,13 @@ def annotate(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Set ``node.meta['fxquant_spec']`` on every quantizable node. Idempotent: specs are recomputed."""
     quant = ctx.recipe.quant
     roles = graph_roles(gm)  # leaf_modules layers still count as ends: the layer after them is not "first"
-    for node in quantizable_nodes(gm):
+    for node in quantizable_nodes(gm, embeddings=True):
         kind = op_type(gm, node)
         name = ctx.qualify(layer_name(gm, node))
         if node.op == "call_module" and name in ctx.keep_float:
             continue
+        if kind in EMBEDDING_OPS and not any(r.matches(name, kind) for r in quant.rules):
+            continue  # embeddings stay float unless a rule selects them
         weighted = node.op == "call_module" or has_weight_arg(node)
         weight = quant.weight if weighted else None
         activation = quant.activation

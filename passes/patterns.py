@@ -20,7 +20,10 @@ WEIGHTED_FUNCTIONS = {
     F.conv_transpose2d: "conv_transpose2d",
     F.conv_transpose3d: "conv_transpose3d",
     F.linear: "linear",
+    F.embedding: "embedding",
 }
+# Embedding lookups: weight-only, quantized only where a recipe rule selects them (see passes.annotate).
+EMBEDDING_OPS = ("Embedding", "embedding")
 MATMUL_FUNCTIONS = {torch.matmul: "matmul", torch.bmm: "bmm", operator.matmul: "matmul"}
 MATMUL_METHODS = {"matmul": "matmul", "bmm": "bmm"}
 # The fused attention op: its query, key and value are quantized (its softmax output is internal; a recipe's
@@ -101,6 +104,8 @@ def activation_inputs(gm: fx.GraphModule, node: fx.Node) -> list[tuple[int, fx.N
     """(argument position, node) of each activation a quantizable op reads: the input of conv/linear,
     both operands of matmul/bmm, query, key and value of fused attention."""
     kind = op_type(gm, node)
+    if kind in EMBEDDING_OPS:  # its input is indices
+        return []
     positions = {"matmul": (0, 1), "bmm": (0, 1), "einsum": (1, 2), "sdpa": (0, 1, 2), "addmm": (1,)}.get(kind, (0,))
     keywords = {"sdpa": ("query", "key", "value"), "addmm": (), "einsum": ()}.get(kind, ("input",))
     found = []

@@ -83,8 +83,16 @@ def _reason(err: BaseException) -> str:
 
 
 def _has_quantizable(module: nn.Module) -> bool:
-    """Holds a layer with weights, or attention whose products fxquant quantizes."""
-    return any(is_quantizable_module(m) or isinstance(m, (AttentionCore, TraceableAttention)) for m in module.modules())
+    """Holds a layer with weights, or attention whose products fxquant quantizes. An embedding (quantized only on
+    a rule's request) counts only as itself: a module is not traced on its own just because it holds one — its
+    forward may test optional arguments (``token_type_ids is None``), which a trace would bake in."""
+    if isinstance(module, nn.Embedding):
+        return True
+    return any(
+        (is_quantizable_module(m) and not isinstance(m, nn.Embedding))
+        or isinstance(m, (AttentionCore, TraceableAttention))
+        for m in module.modules()
+    )
 
 
 def trace_with_leaves(

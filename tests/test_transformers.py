@@ -117,3 +117,20 @@ def test_hf_llm_recipe_groups_weights():
     loss = qmodel(ids).logits.logsumexp(-1).mean()
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_embeddings_quantized_weight_only_when_a_rule_selects_them():
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=100, num_key_value_heads=2, **SMALL))
+    ids = torch.randint(0, 100, (2, 6))
+    recipe = {"extends": "lsq_w4a4", "quant": {"rule": [{"match": {"type": "embedding"}, "weight": {"bits": 4}}]}}
+    qmodel = fxquant.prepare_qat(model, recipe)
+    (embed,) = [r for r in qmodel.report.layers if r.op.lower() == "embedding"]
+    weight_q, activation_qs = qmodel.layer_quantizers(embed)
+    assert embed.name == "model.embed_tokens" and weight_q.bits == 4 and not activation_qs
+    assert "model.embed_tokens" not in qmodel.report.float_layers
+    qmodel.eval()
+    with torch.no_grad(), disable_quant(qmodel):
+        torch.testing.assert_close(qmodel(ids).logits, model.eval()(ids).logits, atol=1e-5, rtol=1e-4)
+    qmodel.train()
+    qmodel(ids).logits.logsumexp(-1).mean().backward()
+    assert weight_q.scale.grad is not None

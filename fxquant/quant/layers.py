@@ -52,6 +52,22 @@ class QuantLinear(QuantizedLayer, nn.Linear):
         return F.linear(x, self.quantized_weight(), self.bias)
 
 
+class QuantEmbedding(QuantizedLayer, nn.Embedding):
+    """An embedding table with its weight quantized (weight-only: the input is indices), one step per row
+    under per_channel. fxquant quantizes embeddings only where a recipe rule selects them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.embedding(
+            x,
+            self.quantized_weight(),
+            self.padding_idx,
+            self.max_norm,
+            self.norm_type,
+            self.scale_grad_by_freq,
+            self.sparse,
+        )
+
+
 class _QuantConvTransposeNd(QuantizedLayer):
     _functional = None
     _spatial_dims = 0
@@ -161,6 +177,7 @@ QUANTIZED_CLASS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv2d: QuantConv2d,
     nn.Conv3d: QuantConv3d,
     nn.Linear: QuantLinear,
+    nn.Embedding: QuantEmbedding,
     nn.ConvTranspose1d: QuantConvTranspose1d,
     nn.ConvTranspose2d: QuantConvTranspose2d,
     nn.ConvTranspose3d: QuantConvTranspose3d,

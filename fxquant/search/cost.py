@@ -39,7 +39,7 @@ def _shape(node: Any) -> tuple[int, ...] | None:
 def layer_macs(gm: fx.GraphModule, node: fx.Node, op: str) -> int:
     """MACs per sample of one quantized node whose graph has been shape-propagated."""
     out = _shape(node)
-    if out is None:
+    if out is None or op.lower() == "embedding":  # a lookup: no multiply-accumulates
         return 0
     if op in ("matmul", "bmm"):
         a = _shape(node.args[0])
