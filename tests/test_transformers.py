@@ -134,3 +134,20 @@ def test_embeddings_quantized_weight_only_when_a_rule_selects_them():
     qmodel.train()
     qmodel(ids).logits.logsumexp(-1).mean().backward()
     assert weight_q.scale.grad is not None
+
+
+def test_padding_masks_reach_the_quantized_attention():
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, 6:] = 0
+    for model in (
+        transformers.BertModel(transformers.BertConfig(vocab_size=100, **SMALL)),
+        transformers.LlamaModel(transformers.LlamaConfig(vocab_size=100, num_key_value_heads=2, **SMALL)),
+        transformers.GPT2Model(transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4)),
+    ):
+        model.eval()
+        qmodel = fxquant.prepare_qat(model, "lsq_w4a4").eval()
+        with torch.no_grad(), disable_quant(qmodel):
+            out = qmodel(ids, attention_mask=mask).last_hidden_state
+            ref = model(ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=1e-4)
