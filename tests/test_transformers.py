@@ -151,3 +151,16 @@ def test_padding_masks_reach_the_quantized_attention():
             out = qmodel(ids, attention_mask=mask).last_hidden_state
             ref = model(ids, attention_mask=mask).last_hidden_state
         torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=1e-4)
+
+
+def test_state_dict_round_trip_reproduces_outputs():
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4))
+    ids = torch.randint(0, 100, (2, 7))
+    qmodel = fxquant.prepare_qat(model, "lsq_w4a4")
+    qmodel(ids).logits.sum().backward()  # initialise the steps
+    qmodel.eval()
+    again = fxquant.prepare_qat(model, "lsq_w4a4")
+    again.load_state_dict(qmodel.state_dict())
+    again.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, qmodel(ids).logits)
