@@ -142,7 +142,7 @@ def _prepare(
 
     order = [name for name, _ in model.named_modules()]
     ends = _ends(traced.pieces, order)
-    ctx = PassContext(recipe=recipe, keep_float=frozenset(traced.user_leaves))
+    ctx = PassContext(recipe=recipe, keep_float=frozenset(traced.user_leaves), attention_scopes=swaps.scopes)
     prepared: dict[str, fx.GraphModule] = {}
     for path in sorted(traced.pieces, key=order.index):
         ctx.piece = path

@@ -59,6 +59,13 @@ def graph_roles(gm: fx.GraphModule) -> dict[fx.Node, str]:
     return roles
 
 
+def _attention_scope(name: str, scopes: dict[str, str]) -> str | None:
+    """The attention type (``MultiheadAttention``, ``LlamaAttention``) of the innermost swapped attention module
+    that holds layer ``name``, so that ``type = "MultiheadAttention"`` selects its projections and products."""
+    holders = [p for p in scopes if not p or name == p or name.startswith(f"{p}.")]
+    return scopes[max(holders, key=len)] if holders else None
+
+
 def annotate(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Set ``node.meta['fxquant_spec']`` on every quantizable node. Idempotent: specs are recomputed."""
     quant = ctx.recipe.quant
@@ -85,8 +92,9 @@ def annotate(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             if ends:
                 applied.append(f"{end}_layer")
         base_type = kind.split("+")[0]
+        scope = _attention_scope(name, ctx.attention_scopes)
         for rule in quant.rules:
-            if rule.matches(name, base_type) or rule.matches(name, kind):
+            if rule.matches(name, base_type) or rule.matches(name, kind) or (scope and rule.matches(name, scope)):
                 ctx.matched_rules.add(rule.index)
                 if weight is not None:
                     weight = rule.weight.apply(weight)

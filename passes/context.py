@@ -50,6 +50,8 @@ class PassContext:
     notes: list[str] = field(default_factory=list)
     matched_rules: set[int] = field(default_factory=set)
     keep_float: frozenset[str] = frozenset()  # module paths the user listed in leaf_modules
+    # module path → attention type (swapped attention modules): a rule's type also matches the layers inside
+    attention_scopes: dict[str, str] = field(default_factory=dict)
     # The recipe's feature taps (recipe.features) record into one store shared by every piece;
     # tap_matches counts what each selector found, so that one matching nothing anywhere is an error.
     tap_store: TapStore = field(default_factory=TapStore)

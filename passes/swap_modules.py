@@ -29,6 +29,9 @@ class SwapResult:
     model: nn.Module  # the model, or its replacement when the model itself was swapped
     swapped: dict[str, str] = field(default_factory=dict)  # path → how it is captured now
     kept: dict[str, str] = field(default_factory=dict)  # path → why it was not swapped
+    # path → the attention type it stands for ("MultiheadAttention", "LlamaAttention"): recipe rules select the
+    # layers and products inside by that type
+    scopes: dict[str, str] = field(default_factory=dict)
 
 
 def _replacement(module: nn.Module) -> tuple[nn.Module | None, str]:
@@ -76,6 +79,7 @@ def swap_modules(model: nn.Module, keep: frozenset[str] = frozenset(), keep_type
         replacement, what = _replacement(model)
         if replacement is not None:
             result.model, result.swapped[""] = replacement, what
+            result.scopes[""] = type(model).__name__
         elif what:
             result.kept[""] = what
     model = result.model
@@ -89,6 +93,7 @@ def swap_modules(model: nn.Module, keep: frozenset[str] = frozenset(), keep_type
                 continue
             hf.attach_core(module)
             configs.append(module.config)
+            result.scopes[path] = type(module).__name__
             result.swapped[path] = f"{type(module).__name__}: attention products computed by {hf.CORE_NAME}"
             continue
         for name, child in list(module.named_children()):
@@ -99,6 +104,7 @@ def swap_modules(model: nn.Module, keep: frozenset[str] = frozenset(), keep_type
             if replacement is not None:
                 setattr(module, name, replacement)
                 result.swapped[child_path] = what
+                result.scopes[child_path] = type(child).__name__
             elif what:
                 result.kept[child_path] = what
     for config in {id(c): c for c in configs}.values():

@@ -135,6 +135,24 @@ def test_mha_rules_select_attention_products():
     assert bits and all(b == 8 for b in bits.values()) and all(n.startswith("attn.") for n in bits)
 
 
+def test_rules_select_attention_by_its_type():
+    model = AttentionNet(16, 4, True, None, dropout=0.0, cross=False)
+    recipe = {
+        "extends": "lsq_w4a4",
+        "quant": {
+            "rule": [{"match": {"type": "MultiheadAttention"}, "weight": {"bits": 8}, "activation": {"bits": 8}}]
+        },
+    }
+    qmodel = fxquant.prepare_qat(model, recipe)
+    widths = {r.name: (qmodel.layer_quantizers(r)[0], qmodel.layer_quantizers(r)[1]) for r in qmodel.report.layers}
+    for name, (weight, activations) in widths.items():
+        expected = 8 if name.startswith("attn.") else 4 if name != "head" else 8  # head is the last layer
+        assert all(q.bits == expected for q in activations), name
+        if weight is not None:
+            assert weight.bits == expected, name
+    assert {"attn.in_proj", "attn.out_proj", "attn.matmul", "attn.matmul_1"} <= set(widths)
+
+
 def test_unsupported_mha_is_reported_float():
     model = AttentionNet(16, 4, True, None, dropout=0.0, cross=False)
     model.attn = nn.MultiheadAttention(16, 4, batch_first=True, add_zero_attn=True)

@@ -164,3 +164,17 @@ def test_state_dict_round_trip_reproduces_outputs():
     again.eval()
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, qmodel(ids).logits)
+
+
+def test_rules_select_hf_attention_by_its_class():
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=100, num_key_value_heads=2, **SMALL))
+    rule = {"match": {"type": "LlamaAttention"}, "weight": {"bits": 8}, "activation": {"bits": 8}}
+    qmodel = fxquant.prepare_qat(model, {"extends": "lsq_w4a4", "quant": {"rule": [rule]}})
+    for record in qmodel.report.layers:
+        weight, activations = qmodel.layer_quantizers(record)
+        inside = ".self_attn." in record.name
+        if inside:
+            assert all(q.bits == 8 for q in activations) and (weight is None or weight.bits == 8), record.name
+        elif record.role == "":
+            assert weight is None or weight.bits == 4, record.name
+    assert any(r.name.endswith("fxquant_attention.matmul") for r in qmodel.report.layers)
