@@ -78,7 +78,8 @@ def main() -> None:
         f"`{command_line()}`\n\n"
         f"vit_tiny (torchvision VisionTransformer, 7×7 patches, 4 layers, width 64), FP trained from scratch "
         f"({args.train_images} images × {args.fp_epochs} epochs, AdamW), then QAT for {args.qat_epochs} epochs "
-        "(AdamW, lr 1e-4, quantizer lr 1e-3). Top-1 on the 10,000 test images.\n\n"
+        "(AdamW, lr 1e-4, quantizer lr 1e-3). Top-1 on the 10,000 test images. An accuracy run: `train s` is wall "
+        "time and means something only when the run had the machine to itself.\n\n"
         + tabulate(rows, headers=["model", "top-1 %", "Δ vs FP", "train s", "attention products"], tablefmt="github")
         + "\n"
     )
