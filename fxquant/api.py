@@ -150,7 +150,8 @@ def _prepare(
         prepared[path] = run_passes(traced.pieces[path], PREPARE_PASSES, ctx)
     _check_recipe_fits(recipe, ctx)
 
-    float_layers = _float_layers(model, {r.name for r in ctx.layers.values()}, traced.opaque)
+    quantized = {r.name for r in ctx.layers.values()}
+    float_layers = _float_layers(model, quantized, traced.opaque)
     float_layers.update({path: why for path, why in swaps.kept.items() if path in float_layers})
     root = prepared.pop("", model)
     for path, gm in prepared.items():
@@ -164,7 +165,7 @@ def _prepare(
         float_layers=float_layers,
         swapped={
             **swaps.swapped,
-            **_swapped_layers(model, traced.pieces, traced.opaque, {r.name for r in ctx.layers.values()}),
+            **_swapped_layers(model, traced.pieces, traced.opaque, quantized),
         },
     )
     leaf_paths = sorted(

@@ -23,16 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-
-def rebuilt_as(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
-    """A ``cls`` instance holding ``module``'s parameters, buffers, children and attributes (containers copied,
-    tensors shared): the same module with a traceable forward. ``module`` is left as it was."""
-    swapped = cls.__new__(cls)
-    state = dict(vars(module))
-    for name in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
-        state[name] = type(state[name])(state[name])
-    swapped.__dict__.update(state)
-    return swapped
+from .layers import rebuilt_as
 
 
 class TraceableAttention:

@@ -71,6 +71,7 @@ class QuantEmbedding(QuantizedLayer, nn.Embedding):
 class _QuantConvTransposeNd(QuantizedLayer):
     _functional = None
     _spatial_dims = 0
+    weight_axis = 1  # (in, out / groups, *kernel)
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         output_padding = self._output_padding(
@@ -228,12 +229,8 @@ def quantized_class(module: nn.Module) -> type[nn.Module] | None:
 def weight_channel_axis(module: nn.Module) -> int:
     """The output-channel axis of a layer's weight: 1 for transposed convolutions and ``Conv1D``, else 0."""
     layer = module.conv if isinstance(module, ConvBn) else module
-    if isinstance(layer, QuantizedLayer) and not isinstance(layer, ConvBn):
-        return 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else type(layer).weight_axis
-    cls = quantized_class(layer)
-    if cls is not None and cls.weight_axis:
-        return cls.weight_axis
-    return 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0
+    cls = type(layer) if isinstance(layer, QuantizedLayer) else quantized_class(layer)
+    return cls.weight_axis if cls is not None else 0
 
 
 def is_quantizable_module(module: nn.Module) -> bool:
@@ -251,9 +248,18 @@ def to_quantized(module: nn.Module, weight_quantizer: FakeQuantizer) -> nn.Modul
     cls = quantized_class(module)
     if cls is None:
         raise TypeError(f"fxquant cannot quantize a {type(module).__name__}")
-    quantized = cls.__new__(cls)
-    quantized.__dict__ = dict(module.__dict__)
-    for slot in ("_parameters", "_buffers", "_modules"):
-        quantized.__dict__[slot] = dict(module.__dict__[slot])
+    quantized = rebuilt_as(module, cls)
     quantized.weight_quantizer = weight_quantizer
     return quantized
+
+
+def rebuilt_as(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    """A ``cls`` instance holding ``module``'s parameters, buffers, children and attributes (containers copied,
+    tensors shared): the same module with another forward (quantized layers, traceable attention). ``module``
+    is left as it was."""
+    swapped = cls.__new__(cls)
+    state = dict(vars(module))
+    for name in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+        state[name] = type(state[name])(state[name])
+    swapped.__dict__.update(state)
+    return swapped

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
 
-from .attention import TraceableAttention, rebuilt_as
+from .attention import TraceableAttention
+from .layers import rebuilt_as
 
 
 class QuantizableRelativePositionalMultiHeadAttention(TraceableAttention, RelativePositionalMultiHeadAttention):

@@ -422,10 +422,8 @@ class DynamicQuantizer(FakeQuantizer):
         super().__init__(config, None, signed, role)
         self.initialized.fill_(True)
 
-    def token_qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(step, zero point or None) of each token of ``x``, as flat vectors over the tokens."""
-        self._decide_sign(x)
-        qmin, qmax = self.qrange()
+    def token_qparams(self, x: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(step, zero point or None) of each token of ``x`` on the grid [qmin, qmax], as flat vectors."""
         rows = x.detach().reshape(-1, x.shape[-1])
         if self.config.symmetric:
             bound = rows.abs().amax(dim=1)
@@ -436,8 +434,9 @@ class DynamicQuantizer(FakeQuantizer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_active:
             return x
-        scale, zero_point = self.token_qparams(x)
-        qmin, qmax = self.qrange()
+        self._decide_sign(x)
+        qmin, qmax = self.qrange()  # read once: it syncs with the signedness buffer
+        scale, zero_point = self.token_qparams(x, qmin, qmax)
         rows = fake_quantize(x.reshape(-1, x.shape[-1]), scale, zero_point, qmin, qmax, 0)
         return rows.reshape(x.shape)
 

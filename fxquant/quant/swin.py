@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
 
-from .attention import TraceableAttention, rebuilt_as
+from .attention import TraceableAttention
+from .layers import rebuilt_as
 
 
 class WindowLayout(NamedTuple):
