@@ -137,7 +137,7 @@ def resolved_recipe(row: Row, bits: str) -> fxquant.Recipe:
 # Recipe keys added after the ledger began, as they print at their defaults: removed from the hashed text so that
 # runs made before they existed keep their rows. (quant.attention only touches fused attention calls, and
 # group_size only per_group weights; resnet20 has neither.) A key whose default changes behaviour must not be here.
-KEYS_ADDED_LATER = (", group_size=32", ", group_size=None", "attention='fused', ")
+KEYS_ADDED_LATER = (", group_size=32", ", group_size=None", "attention='fused', ", ", compile=False")
 
 
 def recipe_hash(recipe: fxquant.Recipe) -> str:

@@ -21,6 +21,8 @@ from fxquant.config.fields import Where, parse
 from fxquant.config.sections import TrainConfig
 from fxquant.errors import FxQuantError
 from fxquant.qat_model import QATModel
+from fxquant.quant.controls import quantizers_of
+from fxquant.quant.quantizers import ObserverQuantizer
 from fxquant.search.from_recipe import search_for_recipe
 from fxquant.train import coreset, distributed
 from fxquant.train.loop import EpochRecord, evaluate, make_loader, progress_bar, run_epoch
@@ -29,15 +31,41 @@ from fxquant.train.step import TrainStep
 from fxquant.train.teachers import float_teacher
 
 
-def calibrate(model: nn.Module, *inputs: torch.Tensor) -> int:
-    """Initialise every quantizer not yet initialised from one forward on ``inputs`` (statistics reduced across
-    data-parallel ranks). Returns how many were initialised. ``fit`` calls it on its first batch.
+def calibrate(model: nn.Module, *inputs: Any, max_batches: int = 8) -> int:
+    """Initialise the quantizers before training, eagerly: LSQ steps from the first batch, observer ranges from
+    up to ``max_batches`` batches (forwards in training mode without gradients; batch-norm statistics are left
+    as they were; statistics are reduced across data-parallel ranks). ``inputs`` are one batch of model inputs,
+    or a single iterable of batches (a DataLoader; a batch is a tensor or an ``(x, y, ...)`` tuple whose first
+    item is the input). Returns how many quantizers were initialised. ``fit`` calls it on its first batch;
+    call it yourself before ``torch.compile(qmodel)`` or a training loop of your own.
 
     Example usage::
 
-        fxquant.calibrate(qmodel, next(iter(train_loader))[0])
+        fxquant.calibrate(qmodel, train_loader)            # or fxquant.calibrate(qmodel, x)
+        compiled = torch.compile(qmodel)
     """
+    if max_batches < 1:
+        raise ValueError(f"max_batches must be ≥ 1, got {max_batches}")
+    if len(inputs) == 1 and not isinstance(inputs[0], torch.Tensor):
+        batches = (_model_inputs(batch) for batch in inputs[0])
+        first = next(batches, None)
+        if first is None:
+            raise ValueError("calibrate: the iterable of batches is empty")
+        initialised = distributed.initialize_quantizers(model, *first)
+        if any(isinstance(q, ObserverQuantizer) and q.observing for q in quantizers_of(model).values()):
+            for _, more in zip(range(max_batches - 1), batches):
+                distributed.observe(model, *more)
+        return initialised
     return distributed.initialize_quantizers(model, *inputs)
+
+
+def _model_inputs(batch: Any) -> tuple[torch.Tensor, ...]:
+    """The model inputs of one batch of a loader: the tensor itself, or the first item of a tuple."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return (batch[0],)
+    raise TypeError(f"calibrate: a batch must be a tensor or an (x, y, ...) tuple, got {type(batch).__name__}")
 
 
 def train_config(model: nn.Module, config: TrainConfig | Mapping[str, Any] | None) -> TrainConfig:
@@ -61,6 +89,7 @@ def fit(
     *,
     seed: int = 0,
     distributed_mode: str = "auto",
+    compile: bool | None = None,
 ) -> list[EpochRecord]:
     """Train ``model`` for ``config.epochs`` epochs (default: its recipe's ``[train]``), evaluating each epoch.
 
@@ -70,11 +99,17 @@ def fit(
     identically on every rank, evaluation is sharded, and only rank 0 shows progress. Works for a float model
     too (no recipe: plain training). Returns one record per epoch (the same on every rank).
 
+    The quantizers are calibrated on the first batch before the first step. ``compile=True`` (default: the
+    config's ``compile``) then trains through ``torch.compile``: the quantizers trace without graph breaks, so
+    the compiler can fuse each quantize-dequantize into its neighbours. Evaluation stays eager.
+
     Example usage::
 
         history = fxquant.fit(qmodel, fashion_mnist("train", augment="standard"), fashion_mnist("test"))
     """
     config = train_config(model, config)
+    if compile is not None:
+        config = config.override(compile=compile)
     info = distributed.setup(distributed_mode)
     train_loader = make_loader(train_data, config.batch_size, True, seed, info)
     test_loader = make_loader(test_data, 512, False, seed, info) if test_data is not None else None
@@ -93,6 +128,8 @@ def fit(
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     trained = nn.parallel.DistributedDataParallel(model) if info.enabled else model
+    if config.compile:
+        trained = torch.compile(trained)
     step = TrainStep(trained, optimizer, criterion, ce_weight=config.ce_weight)
     step.total_epochs = float(config.epochs)
     selector, train_loader = _coreset(model, recipe, train_data, train_loader, config, seed, info)

@@ -164,7 +164,7 @@ def test_ptq_recipe_observes_without_learning():
     qmodel = fxquant.prepare_qat(resnet(), "ptq_w8a8")
     assert not any("quantizer" in name for name, _ in qmodel.named_parameters())
     qmodel(torch.randn(2, 3, 32, 32))
-    assert all(bool(q.initialized) for q in qmodel.quantizers().values())
+    assert all(q.is_initialized for q in qmodel.quantizers().values())
 
 
 def test_observer_state_round_trips_into_a_fresh_model():

@@ -141,7 +141,7 @@ def test_observer_matches_torch_ao(per_channel, bits):
         )
         uq = integer_range(bits, False)
         theirs = FakeQuantize(MovingAverageMinMaxObserver, quant_min=uq[0], quant_max=uq[1], dtype=torch.quint8)
-        ours.signed_flag.fill_(0)
+        ours.set_signed(False)
     for _ in range(5):
         x = torch.randn(6, 10) * 2 + 0.3
         torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=1e-5)

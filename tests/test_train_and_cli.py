@@ -107,7 +107,7 @@ def test_fit_history_and_global_batch(tiny_fashion):
     history = fxquant.fit(qmodel, data, data, {"epochs": 2, "batch_size": 8, "lr": 0.01}, progress=False)
     assert [h.epoch for h in history] == [1, 2]
     assert all(0 <= h.test_top1 <= 100 and h.images_per_second > 0 for h in history)
-    assert all(bool(q.initialized) for q in qmodel.quantizers().values())
+    assert all(q.is_initialized for q in qmodel.quantizers().values())
 
 
 def test_a_seeded_run_does_not_depend_on_what_ran_before_in_the_process(tiny_fashion):

@@ -151,6 +151,7 @@ class TrainConfig(Section):
     ce_weight: float = setting(
         1.0, check=non_negative, doc="weight of the cross-entropy; 0 with a kd loss = KD-only (ACS's protocol)"
     )
+    compile: bool = setting(False, doc="torch.compile the training forward and backward (after calibration)")
 
 
 # -- [[loss]] -----------------------------------------------------------------------------------------------------

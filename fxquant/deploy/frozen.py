@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxquant.errors import FxQuantError
+from fxquant.quant.kernel import MIN_STEP
 from fxquant.quant.layers import ConvBn, QuantizedLayer
 from fxquant.quant.quantizers import FakeQuantizer, LSQQuantizer, ObserverQuantizer
 
@@ -23,14 +24,14 @@ from . import ops
 def quantizer_constants(q: FakeQuantizer, name: str) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
     """(scale, zero point or None, qmin, qmax) a quantizer applies now, as its forward would in eval mode: the
     learned step (clamped as the forward clamps it), the zero point rounded and clamped into the range."""
-    if not bool(q.initialized) or q.signed is None:
+    if not q.is_initialized or q.signed is None:
         raise FxQuantError(
             f"quantizer {name} was never initialised (no batch went through it): run fxquant.calibrate(qmodel, x) "
             "or train before converting"
         )
     qmin, qmax = q.qrange()
     if isinstance(q, LSQQuantizer):
-        scale = q._step().detach().clamp(min=1e-8).clone()
+        scale = q._step().detach().clamp(min=MIN_STEP).clone()
         zero_point = q.zero_point.detach() if q.learn_offset else None
     elif isinstance(q, ObserverQuantizer):
         scale, zero_point = q.scale.detach().clone(), q.zero_point.detach().float()

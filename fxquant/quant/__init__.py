@@ -4,7 +4,14 @@ observers, quantized layers, taps and perturbations — and the controls over th
 Nothing here imports passes, training, search or the API: the runtime stands on its own.
 """
 
-from .controls import LayerQuantizers, apply_bit_plan, check_plan_layers, disable_quant, quantizers_of
+from .controls import (
+    LayerQuantizers,
+    apply_bit_plan,
+    check_plan_layers,
+    clamp_steps,
+    disable_quant,
+    quantizers_of,
+)
 from .kernel import fake_quantize
 from .layers import ConvBn, QuantizedLayer, is_quantizable_module, to_quantized, weight_channel_axis
 from .quantizers import (
@@ -35,6 +42,7 @@ __all__ = [
     "apply_bit_plan",
     "check_bits",
     "check_plan_layers",
+    "clamp_steps",
     "disable_quant",
     "fake_quantize",
     "integer_range",

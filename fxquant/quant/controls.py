@@ -10,11 +10,13 @@ import contextlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from fxquant.errors import FxQuantError, closest
 
-from .quantizers import FakeQuantizer
+from .kernel import MIN_STEP
+from .quantizers import FakeQuantizer, LSQQuantizer
 
 
 @contextlib.contextmanager
@@ -35,6 +37,22 @@ def disable_quant(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for q, state in zip(quantizers, states):
             q.enabled = state
+
+
+@torch.no_grad()
+def clamp_steps(model: nn.Module) -> None:
+    """Keep every learned step of ``model`` at or above the smallest step the kernel applies (1e-8), in one
+    call over all of them. :class:`fxquant.TrainStep` runs it after each optimizer step; the kernel clamps what
+    it applies anyway, so a loop of your own only needs it to keep the stored steps equal to the applied ones.
+
+    Example usage::
+
+        optimizer.step()
+        fxquant.quant.clamp_steps(qmodel)
+    """
+    steps = [p for m in model.modules() if isinstance(m, LSQQuantizer) for p in m.learned_steps()]
+    if steps:
+        torch._foreach_clamp_min_(steps, MIN_STEP)
 
 
 def quantizers_of(model: nn.Module) -> dict[str, FakeQuantizer]:

@@ -29,34 +29,52 @@ def _broadcast_shape(x: torch.Tensor, ch_axis: int | None) -> list[int]:
     return shape
 
 
+MIN_STEP = 1e-8  # the smallest step applied (a learned step can be pushed to or through zero)
+
+
 class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, ch_axis, grad_factor):
         shape = _broadcast_shape(x, ch_axis)
-        s = scale.detach().reshape(shape).to(x.dtype)
+        s = scale.detach().clamp(min=MIN_STEP).reshape(shape).to(x.dtype)
         z = None
         if zero_point is not None:
             z = zero_point.detach().round().clamp(qmin, qmax).reshape(shape).to(x.dtype)
         inv_s = 1.0 / s
-        out = _rounded(x, inv_s, z).clamp_(qmin, qmax)  # one allocation, then in place
-        if z is not None:
-            out.sub_(z)
-        out.mul_(s)
+        ctx.qrange, ctx.ch_axis, ctx.grad_factor = (qmin, qmax), ch_axis, grad_factor
+        ctx.scalars = None
+        if ch_axis is None and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            # Eager CPU, one step: with the step and offset as numbers, clamp(round(x/s) + z) − z is
+            # clamp(round(x/s), Qn − z, Qp − z) (z is an integer), four passes over x instead of six, and the
+            # backward can test the clipping range without re-adding z. Reading them is not a device sync on CPU.
+            s_value, inv_value = float(s), float(inv_s)
+            z_value = 0.0 if z is None else float(z)
+            out = torch.mul(x, inv_value).round_().clamp_(qmin - z_value, qmax - z_value).mul_(s_value)
+            ctx.scalars = (inv_value, z_value)
+        else:
+            out = _rounded(x, inv_s, z).clamp_(qmin, qmax)  # one allocation, then in place
+            if z is not None:
+                out.sub_(z)
+            out.mul_(s)
         # Only tensors that stay alive anyway are saved: x (its producer or the caller keeps it) and out (the
         # conv/linear/matmul that consumes it saves it for its own backward), so quantizers add no activation
         # memory; the mask is recomputed in backward (two elementwise passes).
         ctx.save_for_backward(x, out, s, inv_s, z)
-        ctx.qrange, ctx.ch_axis, ctx.grad_factor = (qmin, qmax), ch_axis, grad_factor
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, out, s, inv_s, z = ctx.saved_tensors
         qmin, qmax = ctx.qrange
-        r = _rounded(x, inv_s, z)
         # r is integer-valued, so the open interval (Qn − ½, Qp + ½) is the closed range [Qn, Qp].
-        grad_x = _hardtanh_backward(grad, r, qmin - 0.5, qmax + 0.5)
-        del r
+        if ctx.scalars is not None:
+            inv_value, z_value = ctx.scalars
+            r = torch.mul(x, inv_value).round_()
+            # the mask's output overwrites r: one allocation fewer in a pass that is bound by memory traffic
+            grad_x = _hardtanh_backward_into(grad, r, qmin - z_value - 0.5, qmax - z_value + 0.5, r)
+        else:
+            r = _rounded(x, inv_s, z)
+            grad_x = _hardtanh_backward_into(grad, r, qmin - 0.5, qmax + 0.5, r)
         grad_scale = grad_zero_point = None
         per_step = _PerStepSum(x.dim(), ctx.ch_axis)
         if ctx.needs_input_grad[1]:
@@ -67,6 +85,15 @@ class _FakeQuantize(torch.autograd.Function):
             outside = per_step.sum(grad) - per_step.sum(grad_x)
             grad_zero_point = -outside * s.reshape(-1) * ctx.grad_factor
         return grad_x, grad_scale, grad_zero_point, None, None, None, None
+
+
+def _hardtanh_backward_into(
+    grad: torch.Tensor, r: torch.Tensor, low: float, high: float, into: torch.Tensor
+) -> torch.Tensor:
+    """grad where low < r < high, else 0 — written into ``into`` in eager mode (r is dead after this)."""
+    if torch.compiler.is_compiling() or grad.shape != into.shape:
+        return _hardtanh_backward(grad, r, low, high)
+    return torch.ops.aten.hardtanh_backward.grad_input(grad, r, low, high, grad_input=into)
 
 
 def _rounded(x: torch.Tensor, inv_s: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
@@ -88,10 +115,8 @@ class _PerStepSum:
     def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.ch_axis is None:
             return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(1)
-        if self.ch_axis == 0 and a.is_contiguous() and b.is_contiguous():
-            # weights (output channels first): one batched dot, no product tensor
-            channels = a.shape[0]
-            return torch.bmm(a.view(channels, 1, -1), b.view(channels, -1, 1)).view(channels)
+        # Per channel: product then reduce. A batched dot (bmm of C 1×N by N×1) avoids the product tensor but is
+        # 4-8× slower on CPU (1.4 vs 0.35 ms for a 1024×1024 weight, 7.2 vs 0.9 ms for 512×4608).
         return (a * b).sum(self.dims)
 
 

@@ -25,12 +25,10 @@ import math
 import torch
 from torch import nn
 
-from fxquant.quant.kernel import fake_quantize
+from fxquant.quant.kernel import MIN_STEP, fake_quantize
 from fxquant.quant.spec import FULL_PRECISION_BITS, QuantizerConfig, check_bits
 
 from . import observers
-
-_EPS = 1e-8
 
 
 def integer_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -76,6 +74,13 @@ class FakeQuantizer(nn.Module):
         # -1 undecided, 0 unsigned, 1 signed; a buffer so that save/load restores the decision.
         self.register_buffer("signed_flag", torch.tensor(-1 if signed is None else int(signed), dtype=torch.int8))
         self.register_buffer("initialized", torch.tensor(False))
+        # Python mirrors of the two buffers, which every forward reads: reading a tensor's value there would be a
+        # host sync in eager mode and a graph break under torch.compile. Written only by set_signed and
+        # mark_initialized (and refreshed when a state_dict is loaded), so the pair never disagrees.
+        self._signed: bool | None = signed
+        self._is_initialized = False
+        self._grad_factor_key: tuple = ()
+        self._grad_factor = 1.0
 
     # -- bit width ----------------------------------------------------------------------------------
     @property
@@ -95,7 +100,7 @@ class FakeQuantizer(nn.Module):
         if (
             keep_range
             and old != value
-            and bool(self.initialized)
+            and self._is_initialized
             and value not in FULL_PRECISION_BITS
             and old not in FULL_PRECISION_BITS
         ):
@@ -110,12 +115,28 @@ class FakeQuantizer(nn.Module):
 
     @property
     def signed(self) -> bool | None:
-        flag = int(self.signed_flag)
-        return None if flag < 0 else bool(flag)
+        """True (signed grid), False (unsigned) or None (decided by the first batch)."""
+        return self._signed
+
+    def set_signed(self, value: bool | None) -> None:
+        """Fix the grid's signedness (None: let the next batch decide)."""
+        self._signed = value
+        self.signed_flag.fill_(-1 if value is None else int(value))
+
+    @property
+    def is_initialized(self) -> bool:
+        """Whether the step (or observed range) has been set from data: by :func:`fxquant.calibrate`, the first
+        eager forward, or a loaded state_dict."""
+        return self._is_initialized
+
+    def mark_initialized(self, value: bool = True) -> None:
+        """Record that the quantizer's state was (or, with False, must again be) set from data."""
+        self._is_initialized = value
+        self.initialized.fill_(value)
 
     def qrange(self) -> tuple[int, int]:
         """The integer range at the current width (signedness must be decided)."""
-        return integer_range(self._bits, bool(self.signed))
+        return integer_range(self._bits, bool(self._signed))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Steps, zero points and observer statistics are shaped by the first batch (per-channel needs the
@@ -131,14 +152,37 @@ class FakeQuantizer(nn.Module):
             if isinstance(current, torch.Tensor) and current.shape != saved.shape:
                 current.data = torch.empty_like(saved, dtype=current.dtype)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        flag = int(self.signed_flag)  # loading is not a hot path: refresh the mirrors from the loaded buffers
+        self._signed = None if flag < 0 else bool(flag)
+        self._is_initialized = bool(self.initialized)
 
     def _reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
         return t if self.reduce_statistics is None else self.reduce_statistics(t, op)
 
     def _decide_sign(self, x: torch.Tensor) -> None:
-        if self.signed is None:
+        if self._signed is None:
             negative = self._reduce((x < 0).any().to(torch.int32).reshape(1), "max")
-            self.signed_flag.fill_(int(negative))
+            self.set_signed(bool(negative))
+
+    def _gradient_scale(self, x: torch.Tensor) -> float:
+        """LSQ's g = 1/sqrt(N·Qp) for a tensor shaped like ``x``, computed once per shape and width."""
+        key = (x.shape, self._bits)
+        if key != self._grad_factor_key:
+            self._grad_factor = 1.0 / math.sqrt(self._elements_per_step(x) * self.qrange()[1])
+            self._grad_factor_key = key
+        return self._grad_factor
+
+    def _elements_per_step(self, x: torch.Tensor) -> float:
+        """N of LSQ's gradient scale: the elements one step quantizes — for a weight all of them (per
+        channel: the channel's), for an activation the features of one sample."""
+        n = x.numel()
+        if self.group_size is not None:
+            return float(self.group_size)
+        if self.ch_axis is not None:
+            n /= x.shape[self.ch_axis]
+        if self.role == "activation" and x.dim() > 1:
+            n /= x.shape[0]
+        return max(n, 1.0)
 
     def _per_channel_view(self, x: torch.Tensor) -> torch.Tensor:
         """x as (channels, everything else)."""
@@ -158,14 +202,14 @@ class FakeQuantizer(nn.Module):
     def step_range(self) -> tuple[float, float] | None:
         """(min, max) of the current step sizes, or None before initialisation."""
         scale = getattr(self, "scale", None)
-        if scale is None or not bool(self.initialized):
+        if scale is None or not self._is_initialized:
             return None
         return float(scale.detach().min()), float(scale.detach().max())
 
 
 def _affine_grid(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Step and zero point mapping [lo, hi] (lo ≤ 0 ≤ hi) onto the integers [qmin, qmax]."""
-    scale = ((hi - lo) / (qmax - qmin)).clamp(min=_EPS)
+    scale = ((hi - lo) / (qmax - qmin)).clamp(min=MIN_STEP)
     return scale, (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
 
 
@@ -216,11 +260,11 @@ class LSQQuantizer(FakeQuantizer):
             # mean |x| as sum / count, so that data-parallel ranks can add their parts exactly
             abs_sum = self._reduce(flat.abs().sum(dim=1, dtype=torch.float64), "sum")
             count = self._reduce(torch.tensor([float(flat.shape[1])], dtype=torch.float64), "sum")
-            scale = (2 * (abs_sum / count).float() / math.sqrt(qmax)).clamp(min=_EPS)
+            scale = (2 * (abs_sum / count).float() / math.sqrt(qmax)).clamp(min=MIN_STEP)
             zero_point = torch.zeros_like(scale)
         self.scale.data = scale.to(self.scale.dtype)
         self.zero_point.data = zero_point.to(self.scale.dtype)
-        self.initialized.fill_(True)
+        self.mark_initialized()
 
     def _min_max(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row min and max reduced across ranks, widened to hold zero (zero must be exactly representable)."""
@@ -248,7 +292,7 @@ class LSQQuantizer(FakeQuantizer):
             if self.learn_offset:
                 scale, zero_point = _affine_grid(alpha * lo, alpha * hi, qmin, qmax)
             else:
-                scale = (alpha * hi / qmax).clamp(min=_EPS)
+                scale = (alpha * hi / qmax).clamp(min=MIN_STEP)
                 zero_point = torch.zeros_like(scale)
             offset = zero_point if self.learn_offset else None
             error = fake_quantize(flat, scale, offset, qmin, qmax, ch_axis) - flat
@@ -269,9 +313,9 @@ class LSQQuantizer(FakeQuantizer):
 
             q.share_steps_across([2, 3, 4, 8]); q.bits = 3     # trains the 3-bit step
         """
-        if not bool(self.initialized):
+        if not self._is_initialized:
             raise RuntimeError("initialise the quantizer (one forward) before sharing its step across widths")
-        signed = bool(self.signed)
+        signed = bool(self._signed)
         low, high = integer_range(self._bits, signed)
         steps = {}
         for width in widths:
@@ -293,7 +337,7 @@ class LSQQuantizer(FakeQuantizer):
 
     def _on_bits_changed(self, old: int, new: int) -> None:
         # Keep the clipping range: the step shrinks/grows by the ratio of the grid sizes.
-        signed = bool(self.signed)
+        signed = bool(self._signed)
         old_min, old_max = integer_range(old, signed)
         new_min, new_max = integer_range(new, signed)
         with torch.no_grad():
@@ -305,31 +349,23 @@ class LSQQuantizer(FakeQuantizer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_active:
             return x
-        if not bool(self.initialized):
+        if not self._is_initialized:
+            # Eager convenience for the first batch; under torch.compile this branch is a guard on a Python
+            # bool, and calibrating first (fxquant.calibrate, which fit runs) keeps it out of the compiled graph.
             self.initialize(x)
         qmin, qmax = self.qrange()
-        # Keep the step positive without bumping the parameter's version counter (it may be saved for
-        # backward by an earlier call of this same quantizer in this step).
-        step = self._step()
-        step.data.clamp_(min=_EPS)
-        grad_factor = 1.0 / math.sqrt(self._elements_per_step(x) * qmax)
+        # The kernel applies the step clamped to ≥ ε without touching the parameter; TrainStep clamps the
+        # parameters themselves after each optimizer step (clamp_steps), so what is stored stays what is used.
+        grad_factor = self._gradient_scale(x)
         zero_point = self.zero_point if self.learn_offset else None
         if self.group_size is not None:
-            grouped = fake_quantize(self._grouped(x), step, zero_point, qmin, qmax, 0, grad_factor)
+            grouped = fake_quantize(self._grouped(x), self._step(), zero_point, qmin, qmax, 0, grad_factor)
             return grouped.reshape(x.shape)
-        return fake_quantize(x, step, zero_point, qmin, qmax, self.ch_axis, grad_factor)
+        return fake_quantize(x, self._step(), zero_point, qmin, qmax, self.ch_axis, grad_factor)
 
-    def _elements_per_step(self, x: torch.Tensor) -> float:
-        """N of LSQ's gradient scale: the elements one step quantizes — for a weight all of them (per
-        channel: the channel's), for an activation the features of one sample."""
-        n = x.numel()
-        if self.group_size is not None:
-            return float(self.group_size)
-        if self.ch_axis is not None:
-            n /= x.shape[self.ch_axis]
-        if self.role == "activation" and x.dim() > 1:
-            n /= x.shape[0]
-        return max(n, 1.0)
+    def learned_steps(self) -> list[nn.Parameter]:
+        """The step parameters this quantizer learns (one, or one per width while steps are shared)."""
+        return [self.scale] if self.width_steps is None else [self.scale, *self.width_steps.values()]
 
 
 class ObserverQuantizer(FakeQuantizer):
@@ -373,22 +409,22 @@ class ObserverQuantizer(FakeQuantizer):
                 zero_point = torch.full_like(scale, qmin)
         else:
             scale = (hi - lo) / (qmax - qmin)
-            zero_point = qmin - torch.round(lo / scale.clamp(min=_EPS))
-        scale = scale.clamp(min=_EPS).reshape(-1).float()
+            zero_point = qmin - torch.round(lo / scale.clamp(min=MIN_STEP))
+        scale = scale.clamp(min=MIN_STEP).reshape(-1).float()
         self.scale = scale
         self.zero_point = zero_point.clamp(qmin, qmax).round().reshape(-1).to(torch.int32)
-        self.initialized.fill_(True)
+        self.mark_initialized()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_active:
             return x
-        if self.observing and (self.training or not bool(self.initialized)):
+        if self.observing and (self.training or not self._is_initialized):
             self._decide_sign(x)
             self.observer(x.detach())
             if self.reduce_statistics is not None:
                 observers.reduce_observed_range(self.observer, self.reduce_statistics)
             self._update_qparams()
-        elif not bool(self.initialized):
+        elif not self._is_initialized:
             return x
         qmin, qmax = self.qrange()
         return fake_quantize(x, self.scale, self.zero_point.float(), qmin, qmax, self.ch_axis)
@@ -420,14 +456,14 @@ class DynamicQuantizer(FakeQuantizer):
         if not config.symmetric:
             signed = True  # an asymmetric grid is placed by its zero point; signed int8 as torchao's 8da4w
         super().__init__(config, None, signed, role)
-        self.initialized.fill_(True)
+        self.mark_initialized()
 
     def token_qparams(self, x: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(step, zero point or None) of each token of ``x`` on the grid [qmin, qmax], as flat vectors."""
         rows = x.detach().reshape(-1, x.shape[-1])
         if self.config.symmetric:
             bound = rows.abs().amax(dim=1)
-            return (bound / qmax).clamp(min=_EPS), None
+            return (bound / qmax).clamp(min=MIN_STEP), None
         lo, hi = rows.amin(dim=1).clamp(max=0), rows.amax(dim=1).clamp(min=0)
         return _affine_grid(lo, hi, qmin, qmax)
 
@@ -435,7 +471,7 @@ class DynamicQuantizer(FakeQuantizer):
         if not self.is_active:
             return x
         self._decide_sign(x)
-        qmin, qmax = self.qrange()  # read once: it syncs with the signedness buffer
+        qmin, qmax = self.qrange()
         scale, zero_point = self.token_qparams(x, qmin, qmax)
         rows = fake_quantize(x.reshape(-1, x.shape[-1]), scale, zero_point, qmin, qmax, 0)
         return rows.reshape(x.shape)

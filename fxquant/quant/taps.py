@@ -93,7 +93,7 @@ class FeaturePerturbation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.quantizer
-        if not (self.training and self.enabled and self.p > 0 and q.is_active and bool(q.initialized)):
+        if not (self.training and self.enabled and self.p > 0 and q.is_active and q.is_initialized):
             return x
         self.calls += 1
         if float(torch.rand((), generator=self.generator)) >= self.p:

@@ -72,7 +72,7 @@ def search_for_recipe(qmodel: QATModel, train_data: Any, batch_size: int, progre
     # Steps are initialised at the planned widths on the first training batch (as a uniform recipe's are), not
     # rescaled from the recipe's default width: at 2 bits the two differ a lot.
     for q in qmodel.quantizers().values():
-        q.initialized.fill_(False)
+        q.mark_initialized(False)
     if progress:
         report(layers, parse_budget(config.budget, layers), plan, config.method, Console())
     return plan

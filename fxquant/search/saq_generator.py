@@ -135,7 +135,7 @@ def generate(
     if not searchable:
         raise FxQuantError("no layer to search: every quantized layer has a fixed width")
     quantizers = [m for m in qmodel.modules() if isinstance(m, LSQQuantizer)]
-    if any(not bool(q.initialized) for q in quantizers):
+    if any(not q.is_initialized for q in quantizers):
         raise FxQuantError("initialise the quantizers first (one forward on a batch)")
     for q in quantizers:
         q.share_steps_across(sorted(set(candidates) | {q.bits}))

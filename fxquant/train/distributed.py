@@ -98,9 +98,27 @@ def initialize_quantizers(model: nn.Module, *args: torch.Tensor) -> int:
         x, _ = next(iter(train_loader))
         fxquant.distributed.initialize_quantizers(qmodel, x)
     """
-    quantizers = [m for m in model.modules() if isinstance(m, FakeQuantizer) and not bool(m.initialized)]
+    quantizers = [m for m in model.modules() if isinstance(m, FakeQuantizer) and not m.is_initialized]
     if not quantizers:
         return 0
+    _quantizer_forward(model, quantizers, args)
+    return sum(q.is_initialized for q in quantizers)
+
+
+@torch.no_grad()
+def observe(model: nn.Module, *args: torch.Tensor) -> None:
+    """One more calibration forward for the observer quantizers (ranges reduced across ranks), leaving the
+    model's other buffers (batch-norm statistics) as they were.
+
+    Example usage::
+
+        fxquant.distributed.observe(qmodel, x)
+    """
+    _quantizer_forward(model, [m for m in model.modules() if isinstance(m, FakeQuantizer)], args)
+
+
+def _quantizer_forward(model: nn.Module, quantizers: list[FakeQuantizer], args: tuple[torch.Tensor, ...]) -> None:
+    """A training-mode forward whose only lasting effect is on ``quantizers``' state."""
     quantizer_buffers = {id(b) for q in quantizers for b in q.buffers()}
     saved = [(b, b.clone()) for b in model.buffers() if id(b) not in quantizer_buffers]
     was_training = model.training
@@ -112,4 +130,3 @@ def initialize_quantizers(model: nn.Module, *args: torch.Tensor) -> int:
         model.train(was_training)
         for buffer, value in saved:
             buffer.copy_(value)
-    return sum(bool(q.initialized) for q in quantizers)

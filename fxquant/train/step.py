@@ -15,6 +15,7 @@ from torch import nn
 
 from fxquant.errors import FxQuantError
 from fxquant.qat_model import QATModel
+from fxquant.quant.controls import clamp_steps
 
 from .augment import augment_batch
 from .losses import AuxLoss, Forward, LossInputs, build_losses
@@ -23,7 +24,8 @@ from .teachers import float_teacher, freeze
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    """The model inside torch.compile's and DistributedDataParallel's wrappers (or the model itself)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
@@ -146,6 +148,7 @@ class TrainStep:
             terms = self.sam.step(loss_terms)
             total = sum(terms.values())
         self.optimizer.step()
+        clamp_steps(self.student)
         logits = first_logits[0]
         for loss in self.losses:
             loss.after_step(self.student)
