@@ -4,6 +4,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fxquant.quant import kernel as kernels
 from fxquant.quant.kernel import fake_quantize
 from fxquant.quant.quantizers import integer_range
 
@@ -67,3 +68,42 @@ def test_no_gradient_for_a_fixed_step():
     fake_quantize(x, scale, None, -8, 7).sum().backward()
     assert scale.grad is None
     assert x.grad is not None
+
+
+@given(
+    bits=st.integers(2, 8),
+    signed=st.booleans(),
+    with_offset=st.booleans(),
+    ties=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_eager_cpu_per_tensor_path_equals_the_general_kernel(bits, signed, with_offset, ties, seed):
+    """The Python-number path (eager CPU, one step) against the tensor path torch.compile traces: identical
+    values and input gradients, also when every x/s is an exact tie at and around the clipping edges."""
+    torch.manual_seed(seed)
+    qmin, qmax = integer_range(bits, signed)
+    zero_point = torch.tensor([float(torch.randint(qmin, qmax + 1, ()))]) if with_offset else None
+    if ties:  # a power-of-two step makes (k + ½)·s exact: round-half-to-even decides every element
+        scale = torch.tensor([2.0 ** int(torch.randint(-6, 3, ()))])
+        z = 0 if zero_point is None else int(zero_point)
+        x = (torch.arange(qmin - z - 3, qmax - z + 3).float() + 0.5).repeat(3) * scale
+    else:
+        scale = torch.rand(1) + 0.05
+        x = torch.randn(4, 5, 6) * 3
+    upstream = torch.randn_like(x)
+    results = []
+    for apply in (
+        lambda *a: kernels._FakeQuantize.apply(*a[:5], None, a[5]),
+        kernels._FakeQuantizePerTensorCPU.apply,
+    ):
+        xs, ss = x.clone().requires_grad_(), scale.clone().requires_grad_()
+        zs = zero_point.clone().requires_grad_() if with_offset else None
+        y = apply(xs, ss, zs, qmin, qmax, 0.3)
+        (y * upstream).sum().backward()
+        results.append((y.detach(), xs.grad, ss.grad, zs.grad if with_offset else None))
+    (y_ref, gx_ref, gs_ref, gz_ref), (y, gx, gs, gz) = results
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)
+    torch.testing.assert_close(gs, gs_ref, rtol=1e-5, atol=1e-6)
+    if with_offset:
+        torch.testing.assert_close(gz, gz_ref, rtol=1e-5, atol=1e-6)

@@ -13,9 +13,17 @@ Backward (Esser et al. 2020, LSQ; Bhalgat et al. 2020, LSQ+), with m = [Qn ≤ r
     ∂y/∂s = (c − z) − m·x/s, scaled by ``grad_factor`` and summed per step,
     ∂y/∂z = −(1 − m)·s,      scaled by ``grad_factor`` and summed per zero point.
 The zero point is rounded and clamped into the range in the forward pass, as torch's kernels do.
+
+Two implementations with identical values and input gradients (``tests/test_fake_quant.py`` checks them
+against each other, exact ties included): :class:`_FakeQuantize`, with the step and offset as tensors (per
+channel, any device, and what ``torch.compile`` traces and fuses into its neighbours), and, for one float32
+step on CPU in eager mode, :class:`_FakeQuantizePerTensorCPU`, which reads them as Python numbers and makes
+fewer passes over the activation. ``fake_quantize`` picks one.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -33,6 +41,9 @@ MIN_STEP = 1e-8  # the smallest step applied (a learned step can be pushed to or
 
 
 class _FakeQuantize(torch.autograd.Function):
+    """The general kernel: steps and offsets as tensors (per tensor or per channel, any device, and what
+    torch.compile traces and fuses)."""
+
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, ch_axis, grad_factor):
         shape = _broadcast_shape(x, ch_axis)
@@ -41,45 +52,29 @@ class _FakeQuantize(torch.autograd.Function):
         if zero_point is not None:
             z = zero_point.detach().round().clamp(qmin, qmax).reshape(shape).to(x.dtype)
         inv_s = 1.0 / s
-        ctx.qrange, ctx.ch_axis, ctx.grad_factor = (qmin, qmax), ch_axis, grad_factor
-        ctx.scalars = None
-        if ch_axis is None and x.device.type == "cpu" and not torch.compiler.is_compiling():
-            # Eager CPU, one step: with the step and offset as numbers, clamp(round(x/s) + z) − z is
-            # clamp(round(x/s), Qn − z, Qp − z) (z is an integer), four passes over x instead of six, and the
-            # backward can test the clipping range without re-adding z. Reading them is not a device sync on CPU.
-            s_value, inv_value = float(s), float(inv_s)
-            z_value = 0.0 if z is None else float(z)
-            out = torch.mul(x, inv_value).round_().clamp_(qmin - z_value, qmax - z_value).mul_(s_value)
-            ctx.scalars = (inv_value, z_value)
-        else:
-            out = _rounded(x, inv_s, z).clamp_(qmin, qmax)  # one allocation, then in place
-            if z is not None:
-                out.sub_(z)
-            out.mul_(s)
+        out = _rounded(x, inv_s, z).clamp_(qmin, qmax)  # one allocation, then in place
+        if z is not None:
+            out.sub_(z)
+        out.mul_(s)
         # Only tensors that stay alive anyway are saved: x (its producer or the caller keeps it) and out (the
         # conv/linear/matmul that consumes it saves it for its own backward), so quantizers add no activation
         # memory; the mask is recomputed in backward (two elementwise passes).
         ctx.save_for_backward(x, out, s, inv_s, z)
+        ctx.qrange, ctx.ch_axis, ctx.grad_factor = (qmin, qmax), ch_axis, grad_factor
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, out, s, inv_s, z = ctx.saved_tensors
         qmin, qmax = ctx.qrange
+        r = _rounded(x, inv_s, z)
         # r is integer-valued, so the open interval (Qn − ½, Qp + ½) is the closed range [Qn, Qp].
-        if ctx.scalars is not None:
-            inv_value, z_value = ctx.scalars
-            r = torch.mul(x, inv_value).round_()
-            # the mask's output overwrites r: one allocation fewer in a pass that is bound by memory traffic
-            grad_x = _hardtanh_backward_into(grad, r, qmin - z_value - 0.5, qmax - z_value + 0.5, r)
-        else:
-            r = _rounded(x, inv_s, z)
-            grad_x = _hardtanh_backward_into(grad, r, qmin - 0.5, qmax + 0.5, r)
+        grad_x = _hardtanh_backward_into(grad, r, qmin - 0.5, qmax + 0.5, r)
         grad_scale = grad_zero_point = None
         per_step = _PerStepSum(x.dim(), ctx.ch_axis)
         if ctx.needs_input_grad[1]:
             # Σ grad·((c − z) − m·x/s) = (Σ grad·out − Σ grad_x·x) / s, with out = (c − z)·s and grad_x = m·grad:
-            # two fused multiply-reduce passes and no temporaries.
+            # two multiply-reduce passes.
             grad_scale = (per_step.dot(grad, out) - per_step.dot(grad_x, x)) * (inv_s.reshape(-1) * ctx.grad_factor)
         if z is not None and ctx.needs_input_grad[2]:
             outside = per_step.sum(grad) - per_step.sum(grad_x)
@@ -87,11 +82,66 @@ class _FakeQuantize(torch.autograd.Function):
         return grad_x, grad_scale, grad_zero_point, None, None, None, None
 
 
+_MIN_STEP_F32 = float(torch.tensor(MIN_STEP, dtype=torch.float32))
+
+
+class _FakeQuantizePerTensorCPU(torch.autograd.Function):
+    """The same values and input gradient as :class:`_FakeQuantize` for one float32 step on CPU in eager mode,
+    with the step and offset as Python numbers (reading them is no device sync on CPU). It saves per call the
+    small tensor ops on the step and the passes that add and remove the offset: clamp(round(x/s) + z) − z is
+    clamp(round(x/s), Qn − z, Qp − z) for an integer z, four passes over x instead of six; and the backward
+    tests the clipping range on the unrounded x/s, one pass fewer, with bounds that reproduce round-half-even
+    exactly at the ties. (1/s is computed in double and rounded to float32 by the multiply: the same float as a
+    float32 division, since double rounding of a quotient is innocuous at these precisions.)"""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, grad_factor):
+        s = max(float(scale), _MIN_STEP_F32)
+        inv = 1.0 / s
+        z = 0 if zero_point is None else min(max(round(float(zero_point)), qmin), qmax)  # round half to even
+        low, high = qmin - z, qmax - z
+        out = torch.mul(x, inv).round_().clamp_(low, high).mul_(s)
+        ctx.save_for_backward(x, out)
+        ctx.numbers = (s, inv, grad_factor, _exclusive_bounds(low, high))
+        ctx.scale_shape = scale.shape
+        ctx.has_offset = zero_point is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, out = ctx.saved_tensors
+        s, inv, grad_factor, (below, above) = ctx.numbers
+        scaled = torch.mul(x, inv)  # the forward's x/s, bit for bit
+        grad_x = torch.ops.aten.hardtanh_backward.grad_input(grad, scaled, below, above, grad_input=scaled)
+        grad_scale = grad_zero_point = None
+        if ctx.needs_input_grad[1]:
+            flat_grad = grad.reshape(-1)
+            level_sum = torch.dot(flat_grad, out.reshape(-1)) - torch.dot(grad_x.reshape(-1), x.reshape(-1))
+            grad_scale = (level_sum * (inv * grad_factor)).reshape(ctx.scale_shape)
+        if ctx.has_offset and ctx.needs_input_grad[2]:
+            outside = grad.sum() - grad_x.sum()
+            grad_zero_point = (outside * (-s * grad_factor)).reshape(ctx.scale_shape)
+        return grad_x, grad_scale, grad_zero_point, None, None, None
+
+
+def _exclusive_bounds(low: int, high: int) -> tuple[float, float]:
+    """Open-interval bounds (a, b) on v = x/s such that a < v < b exactly when round(v) ∈ [low, high] under
+    round-half-to-even: at a tie v = high + ½ rounds down (inside) when high is even, so b moves one float32
+    above the tie; the same below."""
+    below, above = low - 0.5, high + 0.5
+    if low % 2 == 0:
+        below = float(torch.nextafter(torch.tensor(below), torch.tensor(-math.inf)))
+    if high % 2 == 0:
+        above = float(torch.nextafter(torch.tensor(above), torch.tensor(math.inf)))
+    return below, above
+
+
 def _hardtanh_backward_into(
     grad: torch.Tensor, r: torch.Tensor, low: float, high: float, into: torch.Tensor
 ) -> torch.Tensor:
-    """grad where low < r < high, else 0 — written into ``into`` in eager mode (r is dead after this)."""
-    if torch.compiler.is_compiling() or grad.shape != into.shape:
+    """grad where low < r < high, else 0 — written into ``into`` in eager mode (r is dead after this): one
+    allocation fewer in a pass bound by memory traffic."""
+    if torch.compiler.is_compiling():
         return _hardtanh_backward(grad, r, low, high)
     return torch.ops.aten.hardtanh_backward.grad_input(grad, r, low, high, grad_input=into)
 
@@ -137,4 +187,6 @@ def fake_quantize(
 
         w_hat = fake_quantize(w, scale, None, -8, 7, ch_axis=0, grad_factor=0.01)
     """
+    if ch_axis is None and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _FakeQuantizePerTensorCPU.apply(x, scale, zero_point, qmin, qmax, grad_factor)
     return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, ch_axis, grad_factor)
