@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-slow bench lint
+.PHONY: setup demo test test-slow bench bench-peers fp-checkpoint lint
 setup:
 	bash scripts/setup.sh
 
@@ -22,6 +22,17 @@ test-slow: setup
 # commands of the committed results, each also printed at the top of its results file). Most of a day on 2 cores.
 bench: setup
 	$(PY) benchmarks/suite.py
+
+# The train-step overhead against the peers (Brevitas, NNCF, torchao): they live in their own venv (.venv-bench), never
+# in fxquant's. Run it alone on the machine: it is a timing benchmark.
+bench-peers:
+	bash scripts/setup_bench_peers.sh
+	.venv-bench/bin/python benchmarks/overhead.py --steps 15 --fit
+
+# The FP resnet20 the demo starts from (fxquant/assets/): the command the shipped file was made with.
+fp-checkpoint: setup
+	$(PY) -m fxquant train --fp --model resnet20 --recipe lsq_w8a8 --epochs 12 --lr 0.1 --seed 0 \
+		--out fxquant/assets/resnet20_fashion_mnist.pt
 
 lint: setup
 	$(PY) -m ruff check fxquant passes recipes tests benchmarks

@@ -102,6 +102,11 @@ def test_eager_cpu_per_tensor_path_equals_the_general_kernel(bits, signed, with_
         (y * upstream).sum().backward()
         results.append((y.detach(), xs.grad, ss.grad, zs.grad if with_offset else None))
     (y_ref, gx_ref, gs_ref, gz_ref), (y, gx, gs, gz) = results
+    # and both against the plain formula: the input gradient passes where round(x/s) + z lies in [Qn, Qp]
+    z = 0.0 if zero_point is None else float(zero_point)
+    levels = torch.round(x * (1.0 / scale)) + z
+    torch.testing.assert_close(y_ref, (levels.clamp(qmin, qmax) - z) * scale, rtol=0, atol=0)
+    torch.testing.assert_close(gx_ref, upstream * ((levels >= qmin) & (levels <= qmax)), rtol=0, atol=0)
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
     torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)
     torch.testing.assert_close(gs, gs_ref, rtol=1e-5, atol=1e-6)

@@ -34,6 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--lr", type=positive_float)
     train.add_argument("--augment", choices=("none", "standard", "strong"), default="standard")
     train.add_argument("--train-images", type=positive_int, help="use only the first N training images")
+    train.add_argument("--compile", action="store_true", help="train through torch.compile (after calibration)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", help="where to save (an fxquant checkpoint; a float state_dict with --fp)")
     train.set_defaults(func=run)
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     channels = input_channels(model)
     train_data = with_channels(fashion_mnist("train", augment=args.augment, limit=args.train_images), channels)
     test_data = with_channels(fashion_mnist("test"), channels)
-    changes = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
+    changes = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "compile": args.compile or None}
     config = recipe.train.override(**{k: v for k, v in changes.items() if v is not None})
     target = model if args.fp else prepare_qat(model, recipe, torch.randn(1, channels, 28, 28))
     label = f"FP32 {args.model}" if args.fp else f"QAT {recipe.name}"
