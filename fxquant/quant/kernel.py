@@ -67,9 +67,10 @@ class _FakeQuantize(torch.autograd.Function):
     def backward(ctx, grad):
         x, out, s, inv_s, z = ctx.saved_tensors
         qmin, qmax = ctx.qrange
-        if z is None:
-            # No offset: test the clipping range on the forward's unrounded x/s (the same product, bit for bit)
-            # with bounds exact at round-half-to-even ties; one pass fewer than rounding it again.
+        if z is None and not torch.compiler.is_compiling():
+            # No offset, eager: test the clipping range on the forward's unrounded x/s (the same product, bit for
+            # bit) with bounds exact at round-half-to-even ties; one pass fewer than rounding it again. (Compiled,
+            # the rounding fuses into the same loop, and the bounds' float32 arithmetic would not trace.)
             scaled = torch.mul(x, inv_s)
             grad_x = _hardtanh_backward_into(grad, scaled, *_exclusive_bounds(qmin, qmax), scaled)
         else:
