@@ -94,7 +94,9 @@ def test_eager_cpu_per_tensor_path_equals_the_general_kernel(bits, signed, with_
     results = []
     for apply in (
         lambda *a: kernels._FakeQuantize.apply(*a[:5], None, a[5]),
-        kernels._FakeQuantizePerTensorCPU.apply,
+        lambda x, s, z, *rest: kernels._FakeQuantizePerTensorCPU.apply(
+            x, s, z, float(s), 0.0 if z is None else float(z), *rest
+        ),
     ):
         xs, ss = x.clone().requires_grad_(), scale.clone().requires_grad_()
         zs = zero_point.clone().requires_grad_() if with_offset else None

@@ -29,6 +29,7 @@ def test_wheel_ships_passes_and_recipes(tmp_path):
     assert "fxquant/passes/trace.py" in names
     recipes = {Path(n).stem for n in names if n.startswith("fxquant/recipes/") and n.endswith(".toml")}
     assert {p.stem for p in (ROOT / "recipes").glob("*.toml")} == recipes
+    assert "fxquant/assets/resnet20_fashion_mnist.pt" in names  # the demo's FP model
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)], check=True

@@ -101,10 +101,11 @@ class _FakeQuantizePerTensorCPU(torch.autograd.Function):
     float32 division, since double rounding of a quotient is innocuous at these precisions.)"""
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, grad_factor):
-        s = max(float(scale), _MIN_STEP_F32)
+    def forward(ctx, x, scale, zero_point, scale_value, offset_value, qmin, qmax, grad_factor):
+        # scale/zero_point are the tensors gradients flow to; their values arrive as finite Python numbers
+        s = max(scale_value, _MIN_STEP_F32)
         inv = 1.0 / s
-        z = 0 if zero_point is None else min(max(round(float(zero_point)), qmin), qmax)  # round half to even
+        z = 0 if zero_point is None else min(max(round(offset_value), qmin), qmax)  # round half to even
         low, high = qmin - z, qmax - z
         out = torch.mul(x, inv).round_().clamp_(low, high).mul_(s)
         ctx.save_for_backward(x, out)
@@ -127,7 +128,7 @@ class _FakeQuantizePerTensorCPU(torch.autograd.Function):
         if ctx.has_offset and ctx.needs_input_grad[2]:
             outside = grad.sum() - grad_x.sum()
             grad_zero_point = (outside * (-s * grad_factor)).reshape(ctx.scale_shape)
-        return grad_x, grad_scale, grad_zero_point, None, None, None
+        return grad_x, grad_scale, grad_zero_point, None, None, None, None, None
 
 
 def _exclusive_bounds(low: int, high: int) -> tuple[float, float]:
@@ -195,5 +196,10 @@ def fake_quantize(
         w_hat = fake_quantize(w, scale, None, -8, 7, ch_axis=0, grad_factor=0.01)
     """
     if ch_axis is None and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling():
-        return _FakeQuantizePerTensorCPU.apply(x, scale, zero_point, qmin, qmax, grad_factor)
+        scale_value = float(scale)
+        offset_value = 0.0 if zero_point is None else float(zero_point)
+        if math.isfinite(scale_value) and math.isfinite(offset_value):  # a diverged run's NaN takes the tensor path
+            return _FakeQuantizePerTensorCPU.apply(
+                x, scale, zero_point, scale_value, offset_value, qmin, qmax, grad_factor
+            )
     return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, ch_axis, grad_factor)
