@@ -196,8 +196,8 @@ def fake_quantize(
         w_hat = fake_quantize(w, scale, None, -8, 7, ch_axis=0, grad_factor=0.01)
     """
     if ch_axis is None and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling():
-        scale_value = float(scale)
-        offset_value = 0.0 if zero_point is None else float(zero_point)
+        scale_value = scale.detach().item()
+        offset_value = 0.0 if zero_point is None else zero_point.detach().item()
         if math.isfinite(scale_value) and math.isfinite(offset_value):  # a diverged run's NaN takes the tensor path
             return _FakeQuantizePerTensorCPU.apply(
                 x, scale, zero_point, scale_value, offset_value, qmin, qmax, grad_factor
