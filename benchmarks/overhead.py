@@ -312,6 +312,7 @@ def main() -> None:
     parser.add_argument("--no-peers", action="store_true", help="leave out Brevitas, NNCF and torchao")
     parser.add_argument("--profile", default="resnet20", help="model whose per-op table is printed ('' for none)")
     parser.add_argument("--fit", action="store_true", help="also measure fit's images/s on resnet20")
+    parser.add_argument("--name", default="overhead", help="results file stem under benchmarks/results/")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows, missing = [], []
@@ -368,7 +369,7 @@ def main() -> None:
     if profile:
         text += f"\n## Where the eager step's time goes (torch.profiler)\n\n{profile}\n"
     print(text)
-    write_results("overhead", text, {"rows": rows, "fit": fit_rows, "missing": missing})
+    write_results(args.name, text, {"rows": rows, "fit": fit_rows, "missing": missing})
 
 
 if __name__ == "__main__":
