@@ -1,5 +1,6 @@
 """The demo: it starts from the FP resnet20 that ships with fxquant, which must be well trained."""
 
+import pytest
 import torch
 
 from fxquant.cli import main
@@ -8,7 +9,19 @@ from fxquant.data import fashion_mnist
 from fxquant.models import resnet20
 from fxquant.train.loop import evaluate
 
-from .test_train_and_cli import tiny_fashion  # noqa: F401 - a fixture
+from .test_train_and_cli import write_idx
+
+
+@pytest.fixture
+def small_fashion(tmp_path, monkeypatch):
+    """One batch of the demo's recipes (128 images) and a little more, as IDX files."""
+    torch.manual_seed(0)
+    labels = torch.arange(160) % 10
+    images = (labels[:, None, None] * 25 + torch.randint(0, 5, (160, 28, 28))).clamp(0, 255)
+    for prefix in ("train", "t10k"):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    monkeypatch.setenv("FXQUANT_DATA", str(tmp_path))
 
 
 def test_the_shipped_fp_model_is_well_trained_on_the_real_test_set():
@@ -18,8 +31,8 @@ def test_the_shipped_fp_model_is_well_trained_on_the_real_test_set():
     assert result["top1"] >= 90.0, result
 
 
-def test_demo_fine_tunes_the_shipped_model_and_ships_it(tiny_fashion, tmp_path, capsys):  # noqa: F811
-    argv = ["demo", "--recipes", "lsq_w4a4", "--train-images", "16", "--qat-epochs", "1", "--cache", str(tmp_path)]
+def test_demo_fine_tunes_the_shipped_model_and_ships_it(small_fashion, tmp_path, capsys):
+    argv = ["demo", "--recipes", "lsq_w4a4", "--train-images", "128", "--qat-epochs", "1", "--cache", str(tmp_path)]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert str(shipped_fp_checkpoint()) in out.replace("\n", "")
