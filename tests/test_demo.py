@@ -9,19 +9,13 @@ from fxquant.data import fashion_mnist
 from fxquant.models import resnet20
 from fxquant.train.loop import evaluate
 
-from .test_train_and_cli import write_idx
+from .test_train_and_cli import fake_fashion
 
 
 @pytest.fixture
 def small_fashion(tmp_path, monkeypatch):
-    """One batch of the demo's recipes (128 images) and a little more, as IDX files."""
-    torch.manual_seed(0)
-    labels = torch.arange(160) % 10
-    images = (labels[:, None, None] * 25 + torch.randint(0, 5, (160, 28, 28))).clamp(0, 255)
-    for prefix in ("train", "t10k"):
-        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images)
-        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    monkeypatch.setenv("FXQUANT_DATA", str(tmp_path))
+    """One batch of the demo's recipes (128 images) and a little more."""
+    fake_fashion(tmp_path, monkeypatch, 160)
 
 
 def test_the_shipped_fp_model_is_well_trained_on_the_real_test_set():

@@ -19,16 +19,22 @@ def write_idx(path, array: torch.Tensor):
         f.write(header + array.to(torch.uint8).numpy().tobytes())
 
 
+def fake_fashion(folder, monkeypatch, count: int) -> torch.Tensor:
+    """``count`` easy images (class k is brightness 25·k plus noise) as Fashion-MNIST's IDX files in ``folder``,
+    which FXQUANT_DATA then points at; returns the labels."""
+    torch.manual_seed(0)
+    labels = torch.arange(count) % 10
+    images = (labels[:, None, None] * 25 + torch.randint(0, 5, (count, 28, 28))).clamp(0, 255)
+    for prefix in ("train", "t10k"):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    monkeypatch.setenv("FXQUANT_DATA", str(folder))
+    return labels
+
+
 @pytest.fixture
 def tiny_fashion(tmp_path, monkeypatch):
-    torch.manual_seed(0)
-    labels = torch.arange(40) % 10
-    images = (labels[:, None, None] * 25 + torch.randint(0, 5, (40, 28, 28))).clamp(0, 255)
-    for prefix in ("train", "t10k"):
-        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images)
-        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    monkeypatch.setenv("FXQUANT_DATA", str(tmp_path))
-    return tmp_path, labels
+    return tmp_path, fake_fashion(tmp_path, monkeypatch, 40)
 
 
 def test_idx_reader_and_dataset(tiny_fashion):
