@@ -23,6 +23,7 @@ fewer passes over the activation. ``fake_quantize`` picks one.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -119,7 +120,7 @@ class _FakeQuantizePerTensorCPU(torch.autograd.Function):
         x, out = ctx.saved_tensors
         s, inv, grad_factor, (below, above) = ctx.numbers
         scaled = torch.mul(x, inv)  # the forward's x/s, bit for bit
-        grad_x = torch.ops.aten.hardtanh_backward.grad_input(grad, scaled, below, above, grad_input=scaled)
+        grad_x = _hardtanh_backward_into(grad, scaled, below, above, scaled)
         grad_scale = grad_zero_point = None
         if ctx.needs_input_grad[1]:
             flat_grad = grad.reshape(-1)
@@ -131,6 +132,7 @@ class _FakeQuantizePerTensorCPU(torch.autograd.Function):
         return grad_x, grad_scale, grad_zero_point, None, None, None, None, None
 
 
+@functools.lru_cache(maxsize=1024)  # called on every forward, with a handful of distinct ranges
 def _exclusive_bounds(low: int, high: int) -> tuple[float, float]:
     """Open-interval bounds (a, b) on v = x/s such that a < v < b exactly when round(v) ∈ [low, high] under
     round-half-to-even: at a tie v = high + ½ rounds down (inside) when high is even, so b moves one float32
