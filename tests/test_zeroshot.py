@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import fxquant
+from fxquant.quant.kernel import MIN_STEP
+from fxquant.quant.quantizers import LSQQuantizer
 from fxquant.zeroshot import BNStatistics, Generator, ama_logits, dilated_depthwise
 
 
@@ -112,3 +114,15 @@ def test_tiny_end_to_end_beats_no_training():
     result = fxquant.zeroshot.train(trained, image_shape=(1, 8, 8), progress=False)
     assert fxquant.evaluate(trained, test)["top1"] > baseline + 5
     assert len(result.history) == 150 and "student_kd" in result.history[-1]
+
+
+def test_student_steps_stay_positive_under_a_huge_learning_rate():
+    # The kernel reads max(step, MIN_STEP) without writing it back, so every optimizer loop must clamp the stored
+    # steps after it steps (TrainStep does); the zero-shot student's loop did not.
+    torch.manual_seed(0)
+    qmodel = fxquant.prepare_qat(TinyNet(), {"extends": "lrq_w4a4"})
+    settings = {"iterations": 3, "warmup_iterations": 1, "batch_size": 8, "latent_dim": 8,
+                "generator_channels": 8, "student_optimizer": "sgd", "student_lr": 1e4}  # fmt: skip
+    fxquant.zeroshot.train(qmodel, settings, image_shape=(1, 8, 8), progress=False)
+    steps = [p for m in qmodel.modules() if isinstance(m, LSQQuantizer) for p in m.learned_steps()]
+    assert steps and all(bool(p.min() >= torch.tensor(MIN_STEP, dtype=p.dtype)) for p in steps)

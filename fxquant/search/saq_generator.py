@@ -32,6 +32,7 @@ from torch import nn
 
 from fxquant.config.sections import SAMConfig
 from fxquant.errors import FxQuantError
+from fxquant.quant.controls import clamp_steps
 from fxquant.quant.quantizers import FakeQuantizer, LSQQuantizer
 from fxquant.train.sam import SAM
 
@@ -163,6 +164,7 @@ def generate(
             apply(qmodel, plan_of(actions))
             sam.step(lambda x=x, y=y: {"ce": F.cross_entropy(qmodel(x), y)})
             supernet_opt.step()
+            clamp_steps(qmodel)
         for it in range(iterations):
             actions, log_prob, entropy = controller.sample(generator=generator)
             plan = plan_of(actions)
@@ -170,6 +172,7 @@ def generate(
             x, y = train_batches[it % len(train_batches)]
             sam.step(lambda x=x, y=y: {"ce": F.cross_entropy(qmodel(x), y)})
             supernet_opt.step()
+            clamp_steps(qmodel)
             qmodel.eval()  # held-out losses with the running statistics, as the final scoring measures them
             _, perturbed = _sam_losses(qmodel, sam, held_out[it % len(held_out)])
             qmodel.train()

@@ -41,6 +41,7 @@ from fxquant.config.fields import Where, parse
 from fxquant.config.sections import ZeroShotConfig
 from fxquant.errors import FxQuantError
 from fxquant.qat_model import QATModel
+from fxquant.quant.controls import clamp_steps
 from fxquant.train.distributed import initialize_quantizers
 from fxquant.train.losses import dkd_terms, kd_loss
 from fxquant.train.teachers import float_teacher, freeze
@@ -157,6 +158,7 @@ def train(
                     s_opt.zero_grad(set_to_none=True)
                     s_loss.backward()
                     s_opt.step()
+                    clamp_steps(qmodel)  # as TrainStep does: stored steps stay positive
                     metrics["student_kd"] = float(s_loss.detach())
                     metrics["agreement"] = float((s_logits.argmax(1) == t_logits.argmax(1)).float().mean())
                 result.history.append(metrics)
