@@ -44,6 +44,11 @@ from fxquant.train.coreset import NoisyLabels, random_subset
 BUDGET = {"model": "resnet20", "train_images": 20000, "fp_epochs": 3, "fp_seed": 0, "qat_epochs": 2}
 LEDGER = RESULTS / "methods.json"
 WIDTHS = ("w2a2", "w4a4")  # every row's, besides the mixed-precision rows at the BOPs of W3A3
+# LRQ's budget (benchmarks/zeroshot.py's): 250 iterations of 32 generated images, the first 50 generator-only; it
+# has built-in recipes at W4A4 and W3A3 (at W2A2 the zero-shot student does not recover on this model)
+ZEROSHOT = {"iterations": 250, "warmup_iterations": 50, "batch_size": 32, "generator_channels": 32}
+ZEROSHOT_STUDENT_STEPS = ZEROSHOT["iterations"] - ZEROSHOT["warmup_iterations"]
+ZEROSHOT_WIDTHS = ("w4a4", "w3a3")
 
 
 @dataclass(frozen=True)
@@ -57,11 +62,15 @@ class Row:
     widths: tuple[str, ...] = WIDTHS
     random_fraction: float = 0.0  # train on a class-balanced random subset of this fraction (ACS's control)
     noise: float = 0.0  # symmetric label noise on the training data (a fixed draw, the same for every row)
+    # "qat": fit on real data for the budget's epochs; "zeroshot": LRQ on generated images only; "matched_real":
+    # LSQ on real images for exactly as many student steps of the same batch as the zero-shot rows take
+    procedure: str = "qat"
 
     def recipe_for(self, bits: str) -> dict[str, Any] | str:
         if isinstance(self.recipe, str):
             return self.recipe.format(bits=bits)
-        return {"name": f"{self.name}_{bits}", "extends": f"lsq_{bits}", **self.recipe}
+        table = {"extends": "lsq_{bits}", **self.recipe}
+        return {**table, "name": f"{self.name}_{bits}", "extends": table["extends"].format(bits=bits)}
 
 
 ROWS = {
@@ -126,6 +135,23 @@ ROWS = {
             "ASAM variant of SAQ (adaptive neighbourhood, ρ = 0.5) beats LSQ",
             {"optim": {"sam": {"rho": 0.5, "adaptive": True, "perturb": "quantized"}}},
         ),
+        Row(
+            "real_matched",
+            f"control for LRQ: LSQ on real images, {ZEROSHOT_STUDENT_STEPS} steps of {ZEROSHOT['batch_size']} "
+            "(as many as LRQ's student takes)",
+            "lsq_{bits}",
+            baseline="",
+            widths=ZEROSHOT_WIDTHS,
+            procedure="matched_real",
+        ),
+        Row(
+            "lrq",
+            "LRQ: zero-shot QAT on generated images (no real data) matches real-data LSQ with as many student steps",
+            {"extends": "lrq_{bits}", "zeroshot": ZEROSHOT},
+            baseline="real_matched",
+            widths=ZEROSHOT_WIDTHS,
+            procedure="zeroshot",
+        ),
     )
 }
 
@@ -153,9 +179,12 @@ def recipe_hash(recipe: fxquant.Recipe) -> str:
 def row_hash(row: Row, bits: str) -> str:
     """The recipe's hash, plus the row's data settings when it has any (a subset or label noise)."""
     base = recipe_hash(resolved_recipe(row, bits))
-    if not (row.random_fraction or row.noise):
+    if row.procedure == "matched_real":
+        data = f"{base}|matched_real={ZEROSHOT_STUDENT_STEPS}x{ZEROSHOT['batch_size']}"
+    elif not (row.random_fraction or row.noise):
         return base
-    data = f"{base}|random={row.random_fraction}|noise={row.noise}"
+    else:
+        data = f"{base}|random={row.random_fraction}|noise={row.noise}"
     return hashlib.sha256(data.encode()).hexdigest()[:12]
 
 
@@ -191,10 +220,43 @@ def record(run: dict[str, Any] | None = None, fp: dict[str, Any] | None = None) 
     return ledger
 
 
+def run_zeroshot(row: Row, qmodel, seed: int, train_data) -> tuple[float, float, float, dict[str, float]]:
+    """A zero-shot row (LRQ, seeded by the run's seed) or its real-data control with as many student steps.
+    Returns (seconds, student images per second, last loss, metrics)."""
+    images = ZEROSHOT_STUDENT_STEPS * ZEROSHOT["batch_size"]
+    if row.procedure == "zeroshot":
+        result = fxquant.zeroshot.train(qmodel, {"seed": seed}, progress=False)
+        last = result.history[-1]
+        return result.seconds, images / result.seconds, last["student_kd"], {"agreement": last["agreement"]}
+    order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(seed))[:images]
+    subset = torch.utils.data.Subset(train_data, order.tolist())
+    config = qmodel.recipe.train.override(epochs=1, batch_size=ZEROSHOT["batch_size"])
+    start = time.perf_counter()
+    history = fit(qmodel, subset, None, config, description=f"{row.name} seed {seed}", seed=seed)
+    seconds = time.perf_counter() - start
+    return seconds, images / seconds, history[-1].train_loss, history[-1].metrics
+
+
 def run_one(row: Row, bits: str, seed: int, fp_model, train_data, test_loader, code: str) -> dict[str, Any]:
     recipe = resolved_recipe(row, bits)
     torch.manual_seed(seed)
     qmodel = fxquant.prepare_qat(fp_model, recipe, torch.randn(1, 1, 28, 28))
+    if row.procedure != "qat":
+        seconds, speed, loss, metrics = run_zeroshot(row, qmodel, seed, train_data)
+        return {
+            "row": row.name,
+            "bits": bits,
+            "seed": seed,
+            "recipe_hash": row_hash(row, bits),
+            "commit": code,
+            "top1": evaluate(qmodel, test_loader)["top1"],
+            "seconds": seconds,
+            "images_per_second": speed,  # student images (generated or real) per second
+            "train_loss": loss,
+            "noisy_share": None,
+            "metrics": metrics,
+            "threads": torch.get_num_threads(),
+        }
     config = qmodel.recipe.train.override(epochs=BUDGET["qat_epochs"])
     data = NoisyLabels(train_data, row.noise, seed=0) if row.noise else train_data  # one noise draw for all rows
     chosen = random_subset(data.labels, row.random_fraction, seed) if row.random_fraction else None
