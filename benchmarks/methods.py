@@ -86,6 +86,22 @@ ROWS = {
         Row("cr", "CR: consistency with a Mean-Teacher EMA on a strong view beats LSQ", "cr_{bits}"),
         Row("fpq_cr", "FPQ and CR combine: beats FPQ alone", "fpq_cr_w2a2", baseline="fpq", widths=("w2a2",)),
         Row("mec", "MEC-Quant: maximum entropy coding of the features of two views beats LSQ", "mec_{bits}"),
+        *(
+            Row(
+                f"mec_{tag}4",
+                f"MEC-Quant's mixture of 4 channel-group experts, {what}, beats plain MEC",
+                {
+                    "extends": "mec_{bits}",
+                    "loss": [{"kind": "mec", "tap": "features", "weight": 0.5, "experts": 4, "gate": gate}],
+                },
+                baseline="mec",
+                widths=("w2a2",),
+            )
+            for tag, gate, what in (
+                ("moe", "equal", "equally weighted"),
+                ("gate", "learned", "with a learned per-sample gate and its balancing term"),
+            )
+        ),
         Row("saq", "SAQ: sharpness-aware minimisation of the quantized loss (SAQ's defaults) beats LSQ", "saq_{bits}"),
         *(
             Row(
@@ -163,7 +179,13 @@ def resolved_recipe(row: Row, bits: str) -> fxquant.Recipe:
 # Recipe keys added after the ledger began, as they print at their defaults: removed from the hashed text so that
 # runs made before they existed keep their rows. (quant.attention only touches fused attention calls, and
 # group_size only per_group weights; resnet20 has neither.) A key whose default changes behaviour must not be here.
-KEYS_ADDED_LATER = (", group_size=32", ", group_size=None", "attention='fused', ", ", compile=False")
+KEYS_ADDED_LATER = (
+    ", group_size=32",
+    ", group_size=None",
+    "attention='fused', ",
+    ", compile=False",
+    ", gate='equal', balance=1.0",
+)
 
 
 def recipe_hash(recipe: fxquant.Recipe) -> str:

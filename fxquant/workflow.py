@@ -125,12 +125,12 @@ def fit(
         search_for_recipe(model, train_data, config.batch_size, progress=shows)
     calibrate(model, first_x)
     optimizer = make_optimizer(model, config)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     trained = nn.parallel.DistributedDataParallel(model) if info.enabled else model
     if config.compile:
         trained = torch.compile(trained)
     step = TrainStep(trained, optimizer, criterion, ce_weight=config.ce_weight)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]  # after TrainStep: it adds the losses' own parameters
     step.total_epochs = float(config.epochs)
     selector, train_loader = _coreset(model, recipe, train_data, train_loader, config, seed, info)
     scorer = _coreset_teacher(model, step) if selector is not None else None

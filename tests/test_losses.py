@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fxquant
+from fxquant.config.sections import MECConfig
 from fxquant.errors import RecipeError
 from fxquant.models import resnet20
 from fxquant.quant.quantizers import LSQQuantizer
@@ -22,7 +23,7 @@ from fxquant.train.losses import (
     mec_moe_loss,
     sigmoid_rampup,
 )
-from fxquant.train.losses.mec import standardize
+from fxquant.train.losses.mec import ExpertGate, MECLoss, importance_balance, standardize
 
 seeds = st.integers(0, 10_000)
 
@@ -143,6 +144,83 @@ def test_mec_uses_the_smaller_product_and_experts_reduce_to_mec():
     assert float(mec_moe_loss(z1, z2, experts=1)) == pytest.approx(float(mec_loss(z1, z2)), rel=1e-12)
     halves = (mec_loss(z1[:, :20], z2[:, :20]) + mec_loss(z1[:, 20:], z2[:, 20:])) / 2
     assert float(mec_moe_loss(z1, z2, experts=2)) == pytest.approx(float(halves), rel=1e-12)
+
+
+@given(seed=seeds, m=st.integers(4, 16), experts=st.integers(2, 4))
+def test_gated_mec_first_order_term_is_minus_the_gate_weighted_cosine(seed, m, experts):
+    """With a gate g (m, E), expert e weights sample i by √(E·g_ie) on both views, so the first-order term is
+    −Σ_e Σ_i g_ie·cos(z₁ᵢᵉ, z₂ᵢᵉ)/m; the equal gate g = 1/E gives back the ungated mixture."""
+    torch.manual_seed(seed)
+    z1, z2 = torch.randn(m, 4 * experts, dtype=torch.float64), torch.randn(m, 4 * experts, dtype=torch.float64)
+    gates = torch.softmax(torch.randn(m, experts, dtype=torch.float64), 1)
+    expected = 0.0
+    for e, (a, b) in enumerate(zip(z1.tensor_split(experts, 1), z2.tensor_split(experts, 1))):
+        a, b = (
+            torch.nn.functional.normalize(standardize(a), dim=1),
+            torch.nn.functional.normalize(standardize(b), dim=1),
+        )
+        expected -= float((gates[:, e] * (a * b).sum(1)).sum()) / m
+    value = mec_moe_loss(z1, z2, experts, gates, order=1)
+    assert float(value) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    equal = torch.full((m, experts), 1.0 / experts, dtype=torch.float64)
+    assert float(mec_moe_loss(z1, z2, experts, equal)) == pytest.approx(float(mec_moe_loss(z1, z2, experts)), rel=1e-9)
+
+
+@given(seed=seeds, m=st.integers(2, 12), experts=st.integers(2, 6))
+def test_importance_balance_is_the_squared_coefficient_of_variation(seed, m, experts):
+    torch.manual_seed(seed)
+    gates = torch.softmax(3 * torch.randn(m, experts, dtype=torch.float64), 1)
+    importance = [sum(row[e] for row in gates.tolist()) for e in range(experts)]
+    mean = sum(importance) / experts
+    expected = sum((v - mean) ** 2 for v in importance) / experts / mean**2
+    assert float(importance_balance(gates)) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert float(importance_balance(torch.full((m, experts), 1.0 / experts))) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_the_balancing_term_keeps_a_learned_gate_from_collapsing():
+    """Expert 0's channels agree across the two views, so it codes most cheaply: the coding length alone
+    routes every sample there; the balancing term keeps the experts' loads near equal."""
+    torch.manual_seed(0)
+    shared = torch.randn(64, 8)
+    z1 = torch.cat([shared, torch.randn(64, 24)], 1)
+    z2 = torch.cat([shared + 0.05 * torch.randn(64, 8), torch.randn(64, 24)], 1)
+    shares = {}
+    for balance in (0.0, MECConfig().balance):
+        gate = ExpertGate(4)
+        optimizer = torch.optim.Adam(gate.parameters(), lr=0.05)
+        for _ in range(150):
+            g = gate(standardize(z1), standardize(z2))
+            loss = mec_moe_loss(z1, z2, 4, g) + balance * importance_balance(g)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        importance = gate(standardize(z1), standardize(z2)).detach().sum(0)
+        shares[balance] = float(importance.max() / importance.sum())
+    assert shares[0.0] > 0.6  # collapsing onto the cheap expert
+    assert shares[MECConfig().balance] < 0.35  # near 1/4
+
+
+def test_train_step_trains_a_learned_gate_and_reports_its_balance():
+    torch.manual_seed(0)
+    loss = [{"kind": "mec", "tap": "features", "experts": 4, "gate": "learned", "weight": 1.0}]
+    qmodel = fxquant.prepare_qat(resnet20(), "mec_w4a4", loss=loss)
+    optimizer = torch.optim.SGD(qmodel.parameters(), lr=0.1)
+    step = fxquant.TrainStep(qmodel, optimizer)
+    (mec,) = step.losses
+    assert isinstance(mec, MECLoss) and mec.gate is not None
+    assert optimizer.param_groups[-1]["name"] == "losses"
+    assert {id(p) for p in optimizer.param_groups[-1]["params"]} == {id(p) for p in mec.gate.parameters()}
+    before = [p.detach().clone() for p in mec.gate.parameters()]
+    metrics = step(torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,)))
+    assert "mec.balance" in metrics and 0.25 <= metrics["mec.gate_max_share"] <= 1.0
+    assert any(not torch.equal(a, b) for a, b in zip(before, mec.gate.parameters()))
+    fxquant.TrainStep(qmodel, optimizer, losses=step.losses)  # the same losses again: not added twice
+    assert sum(1 for g in optimizer.param_groups if g.get("name") == "losses") == 1
+
+
+def test_a_learned_gate_needs_two_experts():
+    with pytest.raises(RecipeError, match=r"loss\[0\]: gate = \"learned\" routes between experts"):
+        fxquant.load_recipe({"extends": "mec_w2a2", "loss": [{"kind": "mec", "tap": "features", "gate": "learned"}]})
 
 
 def test_sigmoid_rampup_endpoints():

@@ -265,6 +265,22 @@ class MECConfig(LossConfig):
         choices=("standardize", "raw"),
         doc="code batch-standardised features (the reference's projector ends in BN without affine) or raw ones",
     )
+    gate: str = setting(
+        "equal",
+        choices=("equal", "learned"),
+        doc="how the experts' coding lengths are weighted: equally, or by a learned per-sample gate",
+    )
+    balance: float = setting(
+        1.0,
+        check=non_negative,
+        doc="learned gate: weight β of the load-balancing term β·CV(importance)² (MoE practice; see fxquant.train."
+        "losses.mec for why 1 and not MoE's usual 0.01)",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.gate == "learned" and self.experts < 2:
+            raise ValueError('gate = "learned" routes between experts: set experts to 2 or more')
 
     def taps(self) -> dict[str, str]:
         return {self.tap: self.tap}

@@ -17,6 +17,7 @@ from fxquant.errors import FxQuantError
 from fxquant.qat_model import QATModel
 from fxquant.quant.controls import clamp_steps
 
+from . import distributed
 from .augment import augment_batch
 from .losses import AuxLoss, Forward, LossInputs, build_losses
 from .sam import SAM
@@ -85,6 +86,7 @@ class TrainStep:
         if losses is None:
             losses = build_losses(recipe.losses) if recipe is not None else []
         self.losses = list(losses)
+        self.loss_parameters = self._adopt_loss_parameters()
         float_model = teacher if teacher is not None else getattr(self.student, "float_model", None)
         self.teacher = build_teacher(self.student, float_model, self.losses)
         self.extra_losses = list(extra_losses)
@@ -95,6 +97,27 @@ class TrainStep:
         self.total_epochs = 1.0  # the run's length (fit sets it): warm-ups given as a fraction of the run
         self.views = 1 + max((v for loss in self.losses for v in (*loss.student_views, *loss.teacher_views)), default=0)
         self.sam = SAM(self.student, recipe.sam) if recipe is not None and recipe.sam is not None else None
+
+    def _adopt_loss_parameters(self) -> list[nn.Parameter]:
+        """Parameters the losses learn (a gate's): on the student's device, in the optimizer as a group of their
+        own (the first group's learning rate, no weight decay) unless the optimizer already holds them."""
+        device = next(self.student.parameters(), torch.empty(0)).device
+        parameters = [p for loss in self.losses for p in loss.to(device).parameters()]
+        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        fresh = [p for p in parameters if id(p) not in held]
+        if fresh:
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.optimizer.add_param_group({"params": fresh, "lr": lr, "weight_decay": 0.0, "name": "losses"})
+        return parameters
+
+    def _average_loss_gradients(self) -> None:
+        # DDP averages the model's gradients; the losses' own parameters live outside it
+        if not (self.loss_parameters and torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        for p in self.loss_parameters:
+            if p.grad is not None:
+                p.grad.div_(torch.distributed.get_world_size())
+                distributed.all_reduce(p.grad)
 
     def _forward(self, model: nn.Module, x: torch.Tensor) -> Forward:
         store = getattr(unwrap(model), "taps", None)
@@ -147,6 +170,7 @@ class TrainStep:
         else:  # SAM: two forward/backward passes; .grad holds the perturbed point's gradient
             terms = self.sam.step(loss_terms)
             total = sum(terms.values())
+        self._average_loss_gradients()
         self.optimizer.step()
         clamp_steps(self.student)
         logits = first_logits[0]

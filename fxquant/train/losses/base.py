@@ -110,5 +110,13 @@ class AuxLoss(Generic[C]):
         """The model to run as this loss's teacher (the FP teacher unless a subclass keeps its own)."""
         return fp_teacher if self.teacher_kind == "fp" else None
 
+    def parameters(self) -> list[nn.Parameter]:
+        """Parameters the loss itself learns (a gate's); :class:`fxquant.TrainStep` adds them to the optimizer."""
+        return []
+
+    def to(self, device: torch.device) -> AuxLoss:
+        """Move what the loss learns to ``device`` (the student's)."""
+        return self
+
     def after_step(self, student: nn.Module) -> None:
         """Called after each optimizer step (EMA teachers update here)."""
