@@ -8,8 +8,15 @@ Every training sample is scored in eval mode, without augmentation, with the qua
 combined as d = β(t)·EVS + (1 − β(t))·DS, and the top fraction of each class by d is kept, re-selected every R
 epochs. Schedules of β over t ∈ [0, E] epochs, all from 1 (EVS only) to 0 (DS only): ``paper``
 β = cos(πt/2E); ``code_cosine`` β = (1 + cos(πt/E))/2, the cosine schedule of the authors' released code
-(its DS weight is (1 − cos(πt/E))/2); ``linear`` β = 1 − t/E; ``ds_first`` β = sin(πt/2E), from 0 (DS only)
-to 1 (EVS only) — our reading of the released code, whose first selection is not driven by EVS.
+(its DS weight is (1 − cos(πt/E))/2); ``linear`` β = 1 − t/E (the released code's default); ``ds_first``
+β = sin(πt/2E), from 0 (DS only) to 1 (EVS only).
+
+Checked against the released code (HuangOwen/QAT-ACS, ``deepcore/methods/adptive_css.py``): the same scores
+(L2 norms of softmax − one-hot and of softmax − FP softmax), the same weighting (1 − α)·EVS + α·DS with α
+rising from 0, the same per-class top fraction, highest scores first. One difference is not in the formula:
+that code makes its first selection at epoch 0, in eval mode, before any training-mode forward has initialised
+its LSQ steps (its layers set them only when training), so its first subset is not driven by a meaningful
+EVS. ``ds_first`` is our stand-in for a schedule whose first selection EVS does not lead.
 
 Under data parallelism each rank scores its own shard and the scores are summed across ranks, so the
 selection is global and identical on every rank; :class:`CoresetSampler` then splits the selected samples
