@@ -185,6 +185,7 @@ KEYS_ADDED_LATER = (
     "attention='fused', ",
     ", compile=False",
     ", gate='equal', balance=1.0",
+    ", activation_scheme=None",
 )
 
 

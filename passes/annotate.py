@@ -10,6 +10,8 @@ pieces, the caller says in ``ctx.resolve_first`` / ``ctx.resolve_last`` which pi
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import fx
 
 from fxquant.quant.spec import QuantSpec
@@ -89,6 +91,8 @@ def annotate(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 weight = weight.with_bits(ends.weight_bits)
             if ends.activation_bits is not None:
                 activation = activation.with_bits(ends.activation_bits)
+            if ends.activation_scheme is not None:
+                activation = replace(activation, scheme=ends.activation_scheme)
             if ends:
                 applied.append(f"{end}_layer")
         base_type = kind.split("+")[0]

@@ -41,6 +41,23 @@ def test_first_and_last_layers_found_on_the_graph():
     assert (by_name["layer1.0.conv1"].spec.weight_bits, by_name["layer1.0.conv1"].spec.activation_bits) == (2, 2)
 
 
+@pytest.mark.parametrize("scheme", ["lsq", "observer"])
+def test_an_observed_network_input_sends_no_gradient_into_the_first_convolution(scheme):
+    """``first_layer.activation_scheme = "observer"``: the input's range is observed, not learned, so nothing
+    needs the gradient at the first convolution's input and autograd skips that backward pass."""
+    recipe = {"extends": "lsq_w4a4", "quant": {"first_layer": {"activation_scheme": scheme}}}
+    qmodel = fxquant.prepare_qat(resnet(), recipe)
+    x = torch.randn(2, 3, 32, 32)
+    fxquant.calibrate(qmodel, x)
+    by_name = {layer.name: layer for layer in qmodel.report.layers}
+    assert by_name["conv1"].spec.activation.scheme == scheme
+    assert by_name["layer1.0.conv1"].spec.activation.scheme == "lsq"  # only the first layer's input
+    seen = []
+    qmodel.model.conv1.register_forward_pre_hook(lambda module, args: seen.append(args[0].requires_grad))
+    qmodel.train()(x).sum().backward()
+    assert seen == [scheme != "observer"]
+
+
 def test_rules_last_match_wins():
     recipe = {
         "extends": "lsq_w4a4",

@@ -40,9 +40,15 @@ class LayerBits(Section):
 
     weight_bits: int | None = setting(None, check=_bits)
     activation_bits: int | None = setting(None, check=_bits)
+    activation_scheme: str | None = setting(
+        None,
+        choices=QuantizerConfig.__dataclass_fields__["scheme"].metadata["choices"],
+        doc="the layer's input quantizer scheme; \"observer\" on the first layer keeps the network input's range "
+        "observed, not learned, so no gradient flows back to the input (its convolution skips a backward pass)",
+    )
 
     def __bool__(self) -> bool:
-        return self.weight_bits is not None or self.activation_bits is not None
+        return self.weight_bits is not None or self.activation_bits is not None or self.activation_scheme is not None
 
 
 @dataclass(frozen=True)
