@@ -84,7 +84,7 @@ ROWS = {
         ),
         Row("fpq", "FPQ: feature perturbation + channel-wise standardised distillation beats LSQ", "fpq_{bits}"),
         Row("cr", "CR: consistency with a Mean-Teacher EMA on a strong view beats LSQ", "cr_{bits}"),
-        Row("fpq_cr", "FPQ and CR combine: beats FPQ alone", "fpq_cr_w2a2", baseline="fpq", widths=("w2a2",)),
+        Row("fpq_cr", "FPQ and CR combine: beats FPQ alone", "fpq_cr_{bits}", baseline="fpq"),
         Row("mec", "MEC-Quant: maximum entropy coding of the features of two views beats LSQ", "mec_{bits}"),
         *(
             Row(

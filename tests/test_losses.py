@@ -271,7 +271,8 @@ def test_bad_feature_recipes_fail_at_prepare_time():
 
 
 @pytest.mark.parametrize(
-    "recipe", ["cr_w4a4", "cr_w2a2", "fpq_w4a4", "fpq_w2a4", "fpq_w2a2", "mec_w4a4", "mec_w2a2", "fpq_cr_w2a2"]
+    "recipe",
+    ["cr_w4a4", "cr_w2a2", "fpq_w4a4", "fpq_w2a4", "fpq_w2a2", "mec_w4a4", "mec_w2a2", "fpq_cr_w2a2", "fpq_cr_w4a4"],
 )
 def test_recipes_train_and_gradients_reach_only_the_student(recipe):
     torch.manual_seed(0)
