@@ -106,7 +106,8 @@ def mec_moe_loss(
     groups = zip(torch.tensor_split(z1, experts, dim=1), torch.tensor_split(z2, experts, dim=1))
     total = z1.new_zeros(())
     for e, (a, b) in enumerate(groups):
-        weights = None if gates is None else torch.sqrt(experts * gates[:, e : e + 1])
+        # the floor keeps sqrt's gradient finite where a softmax weight underflows to 0
+        weights = None if gates is None else (experts * gates[:, e : e + 1]).clamp_min(1e-12).sqrt()
         total = total + mec_loss(a, b, row_weights=weights, **options)
     return total / experts
 
