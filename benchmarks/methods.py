@@ -121,6 +121,7 @@ ROWS = {
                     f"random10{tag}",
                     f"control: a class-balanced random 10% of the data{' with 20% label noise' if noise else ''}",
                     "lsq_{bits}",
+                    baseline="",  # a control: what the coreset rows are judged against
                     random_fraction=0.1,
                     noise=noise,
                 ),
@@ -333,7 +334,7 @@ def diagnostics(runs: list[dict[str, Any]]) -> str:
     values: dict[str, list[float]] = {}
     for run in runs:
         for key, value in (run.get("metrics") or {}).items():
-            if key.endswith(("grad_ratio", "teacher_acc")) and math.isfinite(value):
+            if key.endswith(("grad_ratio", "teacher_acc", "gate_max_share")) and math.isfinite(value):
                 values.setdefault(key, []).append(value)
         if run.get("noisy_share") is not None:
             values.setdefault("noisy share", []).append(run["noisy_share"])
