@@ -262,26 +262,9 @@ def run_zeroshot(row: Row, qmodel, seed: int, train_data) -> tuple[float, float,
     return seconds, images / seconds, history[-1].train_loss, history[-1].metrics
 
 
-def run_one(row: Row, bits: str, seed: int, fp_model, train_data, test_loader, code: str) -> dict[str, Any]:
-    recipe = resolved_recipe(row, bits)
-    torch.manual_seed(seed)
-    qmodel = fxquant.prepare_qat(fp_model, recipe, torch.randn(1, 1, 28, 28))
-    if row.procedure != "qat":
-        seconds, speed, loss, metrics = run_zeroshot(row, qmodel, seed, train_data)
-        return {
-            "row": row.name,
-            "bits": bits,
-            "seed": seed,
-            "recipe_hash": row_hash(row, bits),
-            "commit": code,
-            "top1": evaluate(qmodel, test_loader)["top1"],
-            "seconds": seconds,
-            "images_per_second": speed,  # student images (generated or real) per second
-            "train_loss": loss,
-            "noisy_share": None,
-            "metrics": metrics,
-            "threads": torch.get_num_threads(),
-        }
+def run_qat(row: Row, bits: str, qmodel, seed: int, train_data) -> tuple[float, float, float, dict, float | None]:
+    """A QAT row: ``fit`` for the budget's epochs on the row's data (all of it, or a random subset, with or without
+    label noise). Returns (seconds, images per second, last loss, metrics, share of noisy labels trained on)."""
     config = qmodel.recipe.train.override(epochs=BUDGET["qat_epochs"])
     data = NoisyLabels(train_data, row.noise, seed=0) if row.noise else train_data  # one noise draw for all rows
     chosen = random_subset(data.labels, row.random_fraction, seed) if row.random_fraction else None
@@ -296,6 +279,18 @@ def run_one(row: Row, bits: str, seed: int, fp_model, train_data, test_loader, c
             noisy_share = sum(r.noisy_selected for r in picks) / max(sum(r.selected for r in picks), 1)
         elif chosen is not None:
             noisy_share = float(data.noisy[chosen].float().mean())
+    speed = statistics.mean(h.images_per_second for h in history)
+    return seconds, speed, history[-1].train_loss, history[-1].metrics, noisy_share
+
+
+def run_one(row: Row, bits: str, seed: int, fp_model, train_data, test_loader, code: str) -> dict[str, Any]:
+    recipe = resolved_recipe(row, bits)
+    torch.manual_seed(seed)
+    qmodel = fxquant.prepare_qat(fp_model, recipe, torch.randn(1, 1, 28, 28))
+    if row.procedure == "qat":
+        seconds, speed, loss, metrics, noisy_share = run_qat(row, bits, qmodel, seed, train_data)
+    else:
+        (seconds, speed, loss, metrics), noisy_share = run_zeroshot(row, qmodel, seed, train_data), None
     return {
         "row": row.name,
         "bits": bits,
@@ -304,10 +299,10 @@ def run_one(row: Row, bits: str, seed: int, fp_model, train_data, test_loader, c
         "commit": code,
         "top1": evaluate(qmodel, test_loader)["top1"],
         "seconds": seconds,
-        "images_per_second": statistics.mean(h.images_per_second for h in history),
-        "train_loss": history[-1].train_loss,
+        "images_per_second": speed,  # student images (real or generated) per second
+        "train_loss": loss,
         "noisy_share": noisy_share,  # of the samples trained on, when the data has label noise
-        "metrics": history[-1].metrics,
+        "metrics": metrics,
         "threads": torch.get_num_threads(),
     }
 
