@@ -187,20 +187,20 @@ class MECLoss(AuxLoss[MECConfig]):
         z1, z2 = inputs.student[0].taps[tap], inputs.student[1].taps[tap]
         lambda_scale = self.lambda_scale(inputs.progress, inputs.total)
         c = self.config
-        standardized = c.features == "standardize"
-        gates = None
-        if self.gate is not None:  # one routing for both views of a sample, from what the experts code
-            gates = self.gate(*((standardize(z1), standardize(z2)) if standardized else (z1, z2)))
+        # standardising each dimension commutes with the split into channel groups: done once, here, for the gate
+        # (one routing for both views of a sample, from what the experts code) and for every expert
+        coded1, coded2 = (standardize(z1), standardize(z2)) if c.features == "standardize" else (z1, z2)
+        gates = self.gate(coded1, coded2) if self.gate is not None else None
         value = mec_moe_loss(
-            z1,
-            z2,
+            coded1,
+            coded2,
             c.experts,
             gates,
             eps2=c.eps2,
             order=c.order,
             lambda_scale=lambda_scale,
             scale=c.scale,
-            standardized=standardized,
+            standardized=False,
         )
         # two extra partial backward passes: measured on every DIAGNOSE_EVERY-th step only, not in the hot path
         self.steps += 1
