@@ -20,11 +20,13 @@ Writes benchmarks/results/overhead.md and overhead.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import peers
 import torch
@@ -37,7 +39,8 @@ from torch import nn
 import fxquant
 
 WARMUP_STEPS = 5
-CNN_GOAL, LINEAR_GOAL = 1.15, 1.5  # W4A4 step / FP step, eager vs eager and compiled vs compiled
+CNN_GOAL, LINEAR_GOAL = 1.15, 1.5
+TORCH_OPS_LABEL = "fxquant W4A4, torch-ops kernel"  # W4A4 step / FP step, eager vs eager and compiled vs compiled
 
 
 class MLP(nn.Module):
@@ -107,6 +110,7 @@ class Variant:
     model: nn.Module
     compiled: bool = False
     after_first_step: Callable[[nn.Module], object] | None = None
+    environment: dict[str, str] = field(default_factory=dict)  # set around each of its steps
 
 
 def _variants(bench: Bench, x: torch.Tensor, compile_too: bool, with_peers: bool) -> tuple[list[Variant], list[str]]:
@@ -116,13 +120,16 @@ def _variants(bench: Bench, x: torch.Tensor, compile_too: bool, with_peers: bool
     example = x[:1]
     w8 = fxquant.prepare_qat(model, "lsq_w8a8", example)
     w4 = fxquant.prepare_qat(model, "lsq_w4a4", example)
+    w4_torch_ops = fxquant.prepare_qat(model, "lsq_w4a4", example)
     w4_observed = fxquant.prepare_qat(model, OBSERVED_INPUT, example)
-    for qmodel in (w8, w4, w4_observed):
+    for qmodel in (w8, w4, w4_torch_ops, w4_observed):
         fxquant.calibrate(qmodel, x)
     variants = [
         Variant("FP32", model),
         Variant("fxquant W8A8", w8),
         Variant("fxquant W4A4", w4),
+        # the same model through the torch-ops kernel: what the fused native kernel saves, in the same run
+        Variant(TORCH_OPS_LABEL, w4_torch_ops, environment={"FXQUANT_NATIVE_KERNEL": "0"}),
         Variant("fxquant W4A4, input observed", w4_observed),
         Variant("torch.ao x86 (8-bit)", ao_prepare_qat_fx(model, (example,), "x86")),
         Variant(
@@ -154,11 +161,16 @@ def _variants(bench: Bench, x: torch.Tensor, compile_too: bool, with_peers: bool
 
 
 class _Stepper:
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, environment: dict[str, str]):
         self.model, self.x, self.y = model.train(), x, y
         self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        self.environment = environment
 
     def __call__(self) -> float:
+        with _environment(self.environment):
+            return self._step()
+
+    def _step(self) -> float:
         start = time.perf_counter()
         loss = nn.functional.cross_entropy(self.model(self.x), self.y)
         self.optimizer.zero_grad(set_to_none=True)
@@ -167,6 +179,20 @@ class _Stepper:
         if isinstance(getattr(self.model, "_orig_mod", self.model), fxquant.QATModel):
             fxquant.quant.clamp_steps(self.model)  # what fxquant.TrainStep does after each step
         return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
@@ -189,7 +215,7 @@ def bench_model(name: str, steps: int, compile_too: bool, with_peers: bool) -> t
     bench = MODELS[name]
     x, y, data_note = _batch(bench.shape, bench.data)
     variants, missing = _variants(bench, x, compile_too, with_peers)
-    steppers = {v.label: _Stepper(v.model, x, y) for v in variants}
+    steppers = {v.label: _Stepper(v.model, x, y, v.environment) for v in variants}
     warmup_seconds = {}
     for v in variants:
         start = time.perf_counter()
@@ -210,7 +236,8 @@ def bench_model(name: str, steps: int, compile_too: bool, with_peers: bool) -> t
     rows = []
     for v in variants:
         reference = "FP32 compiled" if v.compiled else "FP32"
-        mem = None if v.compiled else _saved_activation_bytes(v.model, x)
+        with _environment(v.environment):
+            mem = None if v.compiled else _saved_activation_bytes(v.model, x)
         rows.append(
             {
                 "model": name,
@@ -241,6 +268,12 @@ def verdicts(rows: list[dict]) -> list[str]:
         goal = MODELS[name].goal
         ours = by["fxquant W4A4"]["ratio_to_fp"]
         parts = [f"eager W4A4 ×{ours:.2f} of FP (goal ≤ {goal}: {'met' if ours <= goal else 'NOT met'})"]
+        if TORCH_OPS_LABEL in by:
+            torch_ops = by[TORCH_OPS_LABEL]["median_ms"] / by["fxquant W4A4"]["median_ms"]
+            parts.append(
+                f"the torch-ops kernel instead of the native one ×{by[TORCH_OPS_LABEL]['ratio_to_fp']:.2f} "
+                f"(the native kernel's step is {torch_ops:.2f}× faster)"
+            )
         if "fxquant W4A4, input observed" in by:
             observed = by["fxquant W4A4, input observed"]["ratio_to_fp"]
             parts.append(f"with the input observed ×{observed:.2f} ({'met' if observed <= goal else 'NOT met'})")

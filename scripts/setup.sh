@@ -32,3 +32,14 @@ if [ -z "${FXQUANT_DATA:-}" ] && [ ! -f /usr/share/datasets/fashion-mnist/train-
         echo "[setup] or point FXQUANT_DATA at a torchvision FashionMNIST folder." >&2
     fi
 fi
+
+# A C compiler for the fused CPU fake-quant kernel (fxquant/quant/native/fake_quant.c, built on first use). Without
+# one fxquant still works, on its slower torch-ops kernel; in CI the native kernel is what is tested, so install it.
+if ! command -v "${CC:-cc}" >/dev/null; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+        echo "[setup] installing a C compiler (gcc) with apt-get, for the native fake-quant kernel"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc
+    else
+        echo "[setup] no C compiler: fxquant will use its slower torch-ops kernel. Install gcc for the fast one." >&2
+    fi
+fi

@@ -14,11 +14,14 @@ Backward (Esser et al. 2020, LSQ; Bhalgat et al. 2020, LSQ+), with m = [Qn ≤ r
     ∂y/∂z = −(1 − m)·s,      scaled by ``grad_factor`` and summed per zero point.
 The zero point is rounded and clamped into the range in the forward pass, as torch's kernels do.
 
-Two implementations with identical values and input gradients (``tests/test_fake_quant.py`` checks them
-against each other, exact ties included): :class:`_FakeQuantize`, with the step and offset as tensors (per
-channel, any device, and what ``torch.compile`` traces and fuses into its neighbours), and, for one float32
-step on CPU in eager mode, :class:`_FakeQuantizePerTensorCPU`, which reads them as Python numbers and makes
-fewer passes over the activation. ``fake_quantize`` picks one.
+Three implementations with identical values and input gradients (``tests/test_fake_quant.py`` and
+``tests/test_native_kernel.py`` check them against each other, exact ties included): :class:`_FakeQuantize`,
+with the step and offset as tensors (per channel, any device, and what ``torch.compile`` traces and fuses into
+its neighbours); in eager mode on CPU, for contiguous float32 tensors per tensor or per output channel, the fused
+C kernel of :mod:`fxquant.quant.native_kernel` (one pass forward, one backward; compiled on first use, see
+:mod:`fxquant.quant.native_build`); and, where that kernel is unavailable, for one float32 step on CPU,
+:class:`_FakeQuantizePerTensorCPU`, which reads the step as a Python number and makes fewer passes than the
+general kernel. ``fake_quantize`` picks one.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ import functools
 import math
 
 import torch
+
+from fxquant.quant.native_build import native_library
+from fxquant.quant.native_kernel import NativeFakeQuantize, RowGrid
 
 _hardtanh_backward = torch.ops.aten.hardtanh_backward
 
@@ -197,7 +203,32 @@ def fake_quantize(
 
         w_hat = fake_quantize(w, scale, None, -8, 7, ch_axis=0, grad_factor=0.01)
     """
-    if ch_axis is None and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling():
+    if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling():
+        return _fake_quantize_cpu(x, scale, zero_point, qmin, qmax, ch_axis, grad_factor)
+    return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, ch_axis, grad_factor)
+
+
+def _fake_quantize_cpu(x, scale, zero_point, qmin, qmax, ch_axis, grad_factor):
+    """Eager float32 on CPU: the fused native kernel where it applies, else the per-tensor number kernel, else
+    the general one."""
+    lib = None
+    if x.is_contiguous() and x.numel() > 0 and scale.dtype == torch.float32 and scale.is_contiguous():
+        lib = native_library()
+    if lib is not None and ch_axis is None and scale.numel() == 1:
+        z = 0
+        if zero_point is not None:
+            offset_value = zero_point.detach().item()
+            if not math.isfinite(offset_value):  # a diverged run's NaN: the tensor path propagates it
+                return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, ch_axis, grad_factor)
+            z = min(max(round(offset_value), qmin), qmax)  # round half to even
+        # clamp(round(x/s) + z, Qn, Qp) − z = clamp(round(x/s), Qn − z, Qp − z) for an integer z
+        low, high = qmin - z, qmax - z
+        grid = RowGrid(low, high, *_exclusive_bounds(low, high), _MIN_STEP_F32, grad_factor)
+        return NativeFakeQuantize.apply(x, scale, zero_point, grid, lib)
+    if lib is not None and ch_axis == 0 and zero_point is None and scale.numel() == x.shape[0]:
+        grid = RowGrid(qmin, qmax, *_exclusive_bounds(qmin, qmax), _MIN_STEP_F32, grad_factor)
+        return NativeFakeQuantize.apply(x, scale, zero_point, grid, lib)
+    if ch_axis is None:
         scale_value = scale.detach().item()
         offset_value = 0.0 if zero_point is None else zero_point.detach().item()
         if math.isfinite(scale_value) and math.isfinite(offset_value):  # a diverged run's NaN takes the tensor path

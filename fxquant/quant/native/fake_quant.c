@@ -1,0 +1,229 @@
+/* fxquant's fused CPU fake-quantization passes (float32, contiguous), loaded through ctypes by
+ * fxquant/quant/native_kernel.py, which compiles this file on first use.
+ *
+ * Why C and not more torch ops: the elementwise formulation in kernel.py makes four passes over an activation
+ * forward, and seven reads and two writes backward; here the forward is one read and one write, and the backward
+ * two reads and one write with LSQ's step-gradient sums accumulated in the same loop (the quantized value is
+ * recomputed from x instead of being read back).
+ *
+ * Numerics are those of kernel.py, bit for bit in the values and the input gradient: v = x * inv in float32 (built
+ * with -ffp-contract=off, so never fused into an FMA), clamped to [low, high], rounded half to even, times s; the
+ * backward passes grad where below < v < above (kernel.py's open bounds, which reproduce the rounding's ties) and
+ * zeroes it elsewhere, as torch's vectorised hardtanh_backward decides: a NaN v gets no gradient, and a NaN
+ * gradient outside the range is zeroed, not propagated. Clamping before rounding equals rounding
+ * before clamping because the bounds are integers. NaN inputs stay NaN. Sums are accumulated in float vectors over
+ * short blocks and in double across blocks.
+ *
+ * Layout: `rows` rows of `inner` contiguous elements, one step per row (per tensor: one row). Threads: the caller
+ * passes torch's thread count; rows (or, for one row, ranges of it) are split into that many parts run by OpenMP.
+ * Built with -fopenmp, this file needs libgomp.so.1, and inside a process that imported torch's pip wheel the
+ * dynamic loader resolves that to the libgomp torch already loaded: one thread pool, the one torch's own ops run
+ * on. (Short-lived pthreads were tried first: creating them cost 20-60 us a call, and they fought the pool's
+ * spinning workers for the cores.) Built without OpenMP, everything runs on the calling thread. Small tensors run
+ * on one thread either way.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Explicit vectors (GCC/Clang vector extensions): GCC's auto-vectoriser leaves the backward loop scalar with
+ * branches, 15-25x slower. Eight lanes where AVX exists, else four (SSE2, NEON). */
+#if defined(__AVX__)
+#define LANES 8
+#else
+#define LANES 4
+#endif
+typedef float vfloat __attribute__((vector_size(LANES * 4)));
+typedef int32_t vmask __attribute__((vector_size(LANES * 4)));
+
+#define MAGIC 12582912.0f     /* 1.5 * 2^23: (v + MAGIC) - MAGIC rounds |v| < 2^22 half to even */
+#define BLOCK 2048            /* elements summed in float vectors before joining the double sums */
+#define MIN_PER_THREAD 32768  /* elements; below this a thread costs more than it saves */
+#define MAX_THREADS 64
+
+static inline vfloat splat(float a) {
+    vfloat v;
+    for (int l = 0; l < LANES; ++l) v[l] = a;
+    return v;
+}
+static inline vfloat load(const float *p) { vfloat v; memcpy(&v, p, sizeof v); return v; }
+static inline void store(float *p, vfloat v) { memcpy(p, &v, sizeof v); }
+static inline vfloat pick(vmask m, vfloat a, vfloat b) { return (vfloat)((m & (vmask)a) | (~m & (vmask)b)); }
+static inline double lane_sum(vfloat v) {
+    double s = 0.0;
+    for (int l = 0; l < LANES; ++l) s += v[l];
+    return s;
+}
+static inline float clamp1(float v, float low, float high) {
+    v = v < low ? low : v; /* a NaN fails both tests and stays NaN */
+    return v > high ? high : v;
+}
+
+typedef struct {
+    float inv, s, low, high, below, above;
+} Grid;
+
+/* forward of one row: out = round(clamp(x * inv)) * s */
+static void forward_row(const float *restrict x, float *restrict out, int64_t n, Grid g) {
+    const vfloat inv = splat(g.inv), s = splat(g.s), low = splat(g.low), high = splat(g.high), magic = splat(MAGIC);
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        vfloat v = load(x + i) * inv;
+        v = pick(v < low, low, v);
+        v = pick(v > high, high, v);
+        store(out + i, ((v + magic) - magic) * s);
+    }
+    for (; i < n; ++i) out[i] = ((clamp1(x[i] * g.inv, g.low, g.high) + MAGIC) - MAGIC) * g.s;
+}
+
+/* backward of one row: grad_x, and sums[0] += Σ grad·out, sums[1] += Σ grad_x·x, sums[2] += Σ (grad − grad_x) */
+static void backward_row(const float *restrict grad, const float *restrict x, float *restrict grad_x, int64_t n,
+                         Grid g, double *sums) {
+    const vfloat inv = splat(g.inv), s = splat(g.s), low = splat(g.low), high = splat(g.high), magic = splat(MAGIC);
+    const vfloat below = splat(g.below), above = splat(g.above), zero = splat(0.0f);
+    double grad_out = 0.0, gradx_x = 0.0, outside = 0.0;
+    int64_t i = 0;
+    while (i + LANES <= n) {
+        const int64_t stop = i + BLOCK < n ? i + BLOCK : n;
+        vfloat acc_grad_out = zero, acc_gradx_x = zero, acc_outside = zero;
+        for (; i + LANES <= stop; i += LANES) {
+            const vfloat xv = load(x + i), gv = load(grad + i);
+            const vfloat v = xv * inv;
+            vfloat q = pick(v < low, low, v);
+            q = pick(q > high, high, q);
+            const vfloat out = ((q + magic) - magic) * s;
+            const vfloat gx = pick((v > below) & (v < above), gv, zero);
+            store(grad_x + i, gx);
+            acc_grad_out += gv * out;
+            acc_gradx_x += gx * xv;
+            acc_outside += gv - gx;
+        }
+        grad_out += lane_sum(acc_grad_out);
+        gradx_x += lane_sum(acc_gradx_x);
+        outside += lane_sum(acc_outside);
+    }
+    for (; i < n; ++i) {
+        const float v = x[i] * g.inv;
+        const float out = ((clamp1(v, g.low, g.high) + MAGIC) - MAGIC) * g.s;
+        const float gx = (v > g.below && v < g.above) ? grad[i] : 0.0f;
+        grad_x[i] = gx;
+        grad_out += grad[i] * out;
+        gradx_x += gx * x[i];
+        outside += grad[i] - gx;
+    }
+    sums[0] += grad_out;
+    sums[1] += gradx_x;
+    sums[2] += outside;
+}
+
+typedef struct {
+    const float *x, *grad;
+    float *out;
+    const float *scale; /* one step per row, applied as max(step, min_step) */
+    float min_step, low, high, below, above;
+    int64_t inner;
+    /* rows [row_begin, row_end), or, with one row, elements [begin, end) of it */
+    int64_t row_begin, row_end, begin, end;
+    double *sums;    /* 3 per row (backward only) */
+    double part[3];  /* this part's sums when a single row is split */
+    int backward;
+} Part;
+
+/* the step applied (NaN stays NaN, as with torch's clamp) and its float32 inverse, as kernel.py computes them */
+static float applied_step(const Part *p, int64_t row) {
+    const float step = p->scale[row];
+    return step < p->min_step ? p->min_step : step;
+}
+
+static Grid grid_of(const Part *p, int64_t row) {
+    const float s = applied_step(p, row);
+    Grid g = {1.0f / s, s, p->low, p->high, p->below, p->above};
+    return g;
+}
+
+static void run_part(Part *p) {
+    if (p->row_end - p->row_begin == 1 && (p->begin != 0 || p->end != p->inner)) {
+        const int64_t off = p->row_begin * p->inner + p->begin, n = p->end - p->begin;
+        const Grid g = grid_of(p, p->row_begin);
+        if (p->backward) backward_row(p->grad + off, p->x + off, p->out + off, n, g, p->part);
+        else forward_row(p->x + off, p->out + off, n, g);
+        return;
+    }
+    for (int64_t row = p->row_begin; row < p->row_end; ++row) {
+        const int64_t off = row * p->inner;
+        const Grid g = grid_of(p, row);
+        if (p->backward) backward_row(p->grad + off, p->x + off, p->out + off, p->inner, g, p->sums + 3 * row);
+        else forward_row(p->x + off, p->out + off, p->inner, g);
+    }
+}
+
+static void run(Part *proto, int64_t rows, int threads) {
+    const int64_t total = rows * proto->inner;
+    int64_t most = total / MIN_PER_THREAD;
+    int t = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
+    if (most < 1) most = 1;
+    if (t > most) t = (int)most;
+    const int split_row = rows == 1;
+    if (!split_row && t > rows) t = (int)rows;
+    Part parts[MAX_THREADS];
+    for (int k = 0; k < t; ++k) {
+        parts[k] = *proto;
+        parts[k].part[0] = parts[k].part[1] = parts[k].part[2] = 0.0;
+        if (split_row) {
+            parts[k].row_begin = 0;
+            parts[k].row_end = 1;
+            parts[k].begin = proto->inner * k / t;
+            parts[k].end = proto->inner * (k + 1) / t;
+        } else {
+            parts[k].row_begin = rows * k / t;
+            parts[k].row_end = rows * (k + 1) / t;
+            parts[k].begin = 0;
+            parts[k].end = proto->inner;
+        }
+    }
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(t) schedule(static, 1) if (t > 1)
+#endif
+    for (int k = 0; k < t; ++k) run_part(&parts[k]);
+    if (split_row && proto->backward) {
+        /* parts joined in a fixed order: the same sums for the same thread count */
+        for (int k = 0; k < t; ++k)
+            for (int j = 0; j < 3; ++j) proto->sums[j] += parts[k].part[j];
+    }
+}
+
+/* out = fake_quantize(x), one step per row of `inner` elements. */
+void fxq_forward(const float *x, float *out, int64_t rows, int64_t inner, const float *scale, float min_step,
+                 float low, float high, int threads) {
+    Part p;
+    memset(&p, 0, sizeof p);
+    p.x = x; p.out = out; p.scale = scale; p.min_step = min_step; p.low = low; p.high = high; p.inner = inner;
+    run(&p, rows, threads);
+}
+
+/* grad_x, and per row (each pointer may be NULL when that gradient is not wanted)
+ *   grad_scale[r]  = grad_factor · (Σ grad·out − Σ grad_x·x) / s   (LSQ: Σ grad·((c − z) − m·x/s))
+ *   grad_offset[r] = −grad_factor · s · Σ (grad − grad_x)          (LSQ+: the clipped elements' share)
+ * Returns 0, or −1 when the row sums cannot be allocated (nothing written then). */
+int fxq_backward(const float *grad, const float *x, float *grad_x, int64_t rows, int64_t inner, const float *scale,
+                 float min_step, float low, float high, float below, float above, float grad_factor,
+                 float *grad_scale, float *grad_offset, int threads) {
+    double *sums = calloc((size_t)(3 * rows), sizeof(double));
+    if (!sums) return -1;
+    Part p;
+    memset(&p, 0, sizeof p);
+    p.x = x; p.grad = grad; p.out = grad_x; p.scale = scale; p.min_step = min_step; p.low = low; p.high = high;
+    p.below = below; p.above = above; p.inner = inner; p.sums = sums; p.backward = 1;
+    run(&p, rows, threads);
+    for (int64_t r = 0; r < rows; ++r) {
+        const float s = applied_step(&p, r), inv = 1.0f / s;
+        /* the same float32 operations, in the same order, as kernel.py's tensor expressions */
+        if (grad_scale) grad_scale[r] = (float)(sums[3 * r] - sums[3 * r + 1]) * inv * grad_factor;
+        if (grad_offset) grad_offset[r] = -(float)sums[3 * r + 2] * s * grad_factor;
+    }
+    free(sums);
+    return 0;
+}
+
+/* The library's interface version: native_kernel.py refuses a build whose version differs. */
+int fxq_version(void) { return 2; }

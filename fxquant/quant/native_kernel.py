@@ -1,0 +1,76 @@
+"""The fused CPU fake-quant kernel as an autograd function: one pass forward, one backward.
+
+:func:`fxquant.quant.kernel.fake_quantize` calls it in eager mode for contiguous float32 CPU tensors, per tensor
+(any offset) or per row (a step per output channel or weight group, no offset), when the library from
+:mod:`fxquant.quant.native_build` is available. The values and the input gradient are bit for bit those of the
+torch-ops kernels in ``kernel.py``; the step and offset gradients are the same sums, accumulated in another order
+(in double across blocks), so they agree to rounding (``tests/test_native_kernel.py`` checks both).
+
+Only ``x`` and the step are saved for the backward: the quantized value is recomputed from x in the same pass.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RowGrid:
+    """What one call needs besides the tensors: the integer clamp range after the offset shift, the open bounds of
+    the straight-through mask (kernel.py's ``_exclusive_bounds``), the smallest step applied, and the factor LSQ
+    scales the step and offset gradients by."""
+
+    low: float
+    high: float
+    below: float
+    above: float
+    min_step: float
+    grad_factor: float
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+class NativeFakeQuantize(torch.autograd.Function):
+    """y = fake_quantize(x) over the rows of a contiguous float32 x, one step per row (``scale``: contiguous
+    float32, one value per row; ``zero_point``: None, or one offset already folded into the grid's range);
+    LSQ/LSQ+ gradients."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, grid: RowGrid, lib: ctypes.CDLL):
+        rows = scale.numel()
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        lib.fxq_forward(
+            x.data_ptr(), out.data_ptr(), rows, x.numel() // rows, scale.data_ptr(), grid.min_step,
+            grid.low, grid.high, _threads(),
+        )  # fmt: skip
+        # The step is read again in backward (autograd's version check refuses it if changed in place meanwhile).
+        ctx.save_for_backward(x, scale)
+        ctx.grid, ctx.lib = grid, lib
+        ctx.has_offset = zero_point is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale = ctx.saved_tensors
+        grid: RowGrid = ctx.grid
+        rows = scale.numel()
+        grad = grad.contiguous()
+        grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+        grad_scale = torch.empty_like(scale) if ctx.needs_input_grad[1] else None
+        grad_offset = torch.empty_like(scale) if ctx.has_offset and ctx.needs_input_grad[2] else None
+        status = ctx.lib.fxq_backward(
+            grad.data_ptr(), x.data_ptr(), grad_x.data_ptr(), rows, x.numel() // rows, scale.data_ptr(),
+            grid.min_step, grid.low, grid.high, grid.below, grid.above, grid.grad_factor,
+            None if grad_scale is None else grad_scale.data_ptr(),
+            None if grad_offset is None else grad_offset.data_ptr(),
+            _threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError(f"fxquant's native kernel could not allocate sums for {rows} rows")
+        grad_input = grad_x if ctx.needs_input_grad[0] else None
+        return grad_input, grad_scale, grad_offset, None, None

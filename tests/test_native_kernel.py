@@ -1,0 +1,202 @@
+"""The fused native CPU kernel against the torch-ops kernel it replaces in eager mode (kernel.py's general tensor
+path, itself checked against torch's fused learnable kernels in test_fake_quant.py) and against the plain formula:
+identical values and input gradients, step/offset gradients equal to rounding; its build and fallback."""
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fxquant.quant import kernel as kernels
+from fxquant.quant import native_build
+from fxquant.quant.kernel import fake_quantize
+from fxquant.quant.quantizers import integer_range
+
+needs_native = pytest.mark.skipif(
+    native_build.native_library() is None, reason="no C compiler here: the torch-ops kernel is used instead"
+)
+
+
+def general(x, scale, zero_point, qmin, qmax, ch_axis, grad_factor):
+    return kernels._FakeQuantize.apply(x, scale, zero_point, qmin, qmax, ch_axis, grad_factor)
+
+
+def run(kernel, x, scale, zero_point, qmin, qmax, ch_axis, upstream, grad_factor=0.37):
+    xs, ss = x.clone().requires_grad_(), scale.clone().requires_grad_()
+    zs = None if zero_point is None else zero_point.clone().requires_grad_()
+    y = kernel(xs, ss, zs, qmin, qmax, ch_axis, grad_factor)
+    (y * upstream).sum().backward()
+    return y.detach(), xs.grad, ss.grad, None if zs is None else zs.grad
+
+
+def uses_native(x, scale, zero_point, qmin, qmax, ch_axis):
+    y = fake_quantize(x.clone().requires_grad_(), scale.clone().requires_grad_(), zero_point, qmin, qmax, ch_axis)
+    return y.grad_fn is not None and type(y.grad_fn).__name__ == "NativeFakeQuantizeBackward"
+
+
+def assert_same(native, reference, magnitude):
+    (y, gx, gs, gz), (y_ref, gx_ref, gs_ref, gz_ref) = native, reference
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0, equal_nan=True)
+    # the step gradient is Σg·level − Σg_x·x/s: float32 rounding is relative to the terms, not their difference
+    torch.testing.assert_close(gs, gs_ref, rtol=1e-4, atol=1e-6 * magnitude)
+    if gz_ref is not None:
+        torch.testing.assert_close(gz, gz_ref, rtol=1e-4, atol=1e-6 * magnitude)
+
+
+def magnitude_of(x, scale, upstream, qmin, qmax, ch_axis):
+    shape = [1] * x.dim()
+    if ch_axis is not None:
+        shape[ch_axis] = -1
+    return float((upstream.abs() * (x.abs() / scale.reshape(shape) + max(-qmin, qmax))).sum()) + 1.0
+
+
+@needs_native
+@settings(max_examples=60, deadline=None)
+@given(
+    bits=st.integers(2, 8),
+    signed=st.booleans(),
+    with_offset=st.booleans(),
+    ties=st.booleans(),
+    elements=st.sampled_from([1, 7, 8, 9, 100, 2049, 70_001]),  # lane tails, block edges, split across threads
+    threads=st.sampled_from([1, 2, 3]),
+    seed=st.integers(0, 10_000),
+)
+def test_per_tensor_equals_the_torch_ops_kernel(bits, signed, with_offset, ties, elements, threads, seed):
+    torch.manual_seed(seed)
+    qmin, qmax = integer_range(bits, signed)
+    zero_point = torch.tensor([float(torch.randint(qmin, qmax + 1, ()))]) if with_offset else None
+    if ties:  # a power-of-two step makes (k + ½)·s exact: round-half-to-even decides every element
+        scale = torch.tensor([2.0 ** int(torch.randint(-6, 3, ()))])
+        z = 0 if zero_point is None else int(zero_point)
+        grid = torch.arange(qmin - z - 3, qmax - z + 3).float() + 0.5
+        x = grid.repeat(elements // grid.numel() + 1)[:elements] * scale
+    else:
+        scale = torch.rand(1) + 0.05
+        x = torch.randn(elements) * 3
+    upstream = torch.randn_like(x)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert uses_native(x, scale, zero_point, qmin, qmax, None)
+        native = run(fake_quantize, x, scale, zero_point, qmin, qmax, None, upstream)
+    finally:
+        torch.set_num_threads(previous)
+    reference = run(general, x, scale, zero_point, qmin, qmax, None, upstream)
+    assert_same(native, reference, magnitude_of(x, scale, upstream, qmin, qmax, None))
+    # and the plain formula: the input gradient passes where round(x/s) + z lies in [Qn, Qp]
+    z = 0.0 if zero_point is None else float(zero_point)
+    levels = torch.round(x * (1.0 / scale)) + z
+    torch.testing.assert_close(native[0], (levels.clamp(qmin, qmax) - z) * scale, rtol=0, atol=0)
+    torch.testing.assert_close(native[1], upstream * ((levels >= qmin) & (levels <= qmax)), rtol=0, atol=0)
+
+
+@needs_native
+@settings(max_examples=40, deadline=None)
+@given(
+    bits=st.integers(2, 8),
+    channels=st.integers(1, 40),
+    inner=st.sampled_from([1, 3, 8, 27, 600, 4000]),
+    threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 10_000),
+)
+def test_per_channel_equals_the_torch_ops_kernel(bits, channels, inner, threads, seed):
+    """Weights: one step per output channel (axis 0), symmetric, contiguous."""
+    torch.manual_seed(seed)
+    qmin, qmax = integer_range(bits, True)
+    x = torch.randn(channels, inner) * (torch.rand(channels, 1) * 3 + 0.1)
+    scale = torch.rand(channels) * 0.5 + 1e-3
+    scale[0] = 1e-12  # below MIN_STEP: both kernels clamp it
+    upstream = torch.randn_like(x)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert uses_native(x, scale, None, qmin, qmax, 0)
+        native = run(fake_quantize, x, scale, None, qmin, qmax, 0, upstream)
+    finally:
+        torch.set_num_threads(previous)
+    reference = run(general, x, scale, None, qmin, qmax, 0, upstream)
+    assert_same(native, reference, magnitude_of(x, scale.clamp(min=1e-8), upstream, qmin, qmax, 0))
+
+
+@needs_native
+def test_nan_and_infinite_inputs_are_handled_like_the_torch_ops_kernel():
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.3, -0.2, 5.0] * 3)
+    upstream = torch.tensor([1.0, float("nan"), 2.0, 3.0, float("nan"), 4.0] * 3)
+    scale = torch.tensor([0.1])
+    native = run(fake_quantize, x, scale, None, -8, 7, None, upstream)
+    reference = run(general, x, scale, None, -8, 7, None, upstream)
+    torch.testing.assert_close(native[0], reference[0], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(native[1], reference[1], rtol=0, atol=0, equal_nan=True)
+
+
+@needs_native
+def test_other_layouts_take_the_torch_ops_kernel_with_the_same_result():
+    x = torch.randn(6, 5, 4).transpose(0, 2)  # not contiguous
+    scale = torch.tensor([0.2])
+    assert not uses_native(x, scale, None, -8, 7, None)
+    assert not uses_native(torch.randn(4, 6), torch.rand(6) + 0.1, None, -8, 7, 1)  # channel axis 1
+    offsets = torch.zeros(4)
+    assert not uses_native(torch.randn(4, 6), torch.rand(4) + 0.1, offsets, -8, 7, 0)  # per-channel offsets
+    upstream = torch.randn_like(x)
+    torch.testing.assert_close(
+        run(fake_quantize, x, scale, None, -8, 7, None, upstream)[1],
+        run(general, x, scale, None, -8, 7, None, upstream)[1],
+        rtol=0,
+        atol=0,
+    )
+
+
+@needs_native
+def test_only_the_input_and_the_step_are_saved_for_backward():
+    x = torch.randn(64, 32, requires_grad=True)
+    scale = torch.tensor([0.1], requires_grad=True)
+    y = fake_quantize(x, scale, None, -8, 7)
+    assert type(y.grad_fn).__name__ == "NativeFakeQuantizeBackward"
+    assert [t.data_ptr() for t in y.grad_fn.saved_tensors] == [x.data_ptr(), scale.data_ptr()]
+
+
+def test_turned_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("FXQUANT_NATIVE_KERNEL", "0")
+    assert native_build.native_library() is None
+    x = torch.randn(10, requires_grad=True)
+    y = fake_quantize(x, torch.tensor([0.1], requires_grad=True), None, -8, 7)
+    assert "Native" not in type(y.grad_fn).__name__
+
+
+def test_a_missing_compiler_is_reported_in_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("FXQUANT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler-fxq")
+    with pytest.raises(native_build.NativeKernelUnavailable, match="no C compiler: 'no-such-compiler-fxq'"):
+        native_build._built_library()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_build_is_reported_with_the_compilers_message(monkeypatch, tmp_path):
+    fake = tmp_path / "fakecc"
+    fake.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo fakecc 1.0; exit 0; fi\n"
+                    "echo 'fake_quant.c:1: error: broken' >&2; exit 1\n")  # fmt: skip
+    fake.chmod(0o755)
+    monkeypatch.setenv("FXQUANT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(fake))
+    with pytest.raises(native_build.NativeKernelUnavailable, match=r"could not compile .*error: broken"):
+        native_build._built_library()
+    assert list((tmp_path / "cache").iterdir()) == []  # no half-written library left behind
+
+
+@needs_native
+def test_the_cache_key_follows_the_source(monkeypatch, tmp_path):
+    monkeypatch.setenv("FXQUANT_CACHE_DIR", str(tmp_path))
+    first = native_build._built_library()
+    assert first.exists() and first.parent == tmp_path
+    assert native_build._built_library() == first  # reused, not rebuilt
+    monkeypatch.setattr(native_build, "_source_bytes", lambda: b"/* changed */\nint fxq_version(void){return 0;}\n")
+    assert native_build._built_library() != first
+
+
+@pytest.mark.skipif(os.environ.get("CI") != "true", reason="CI installs a compiler (scripts/setup.sh); here optional")
+def test_ci_builds_the_native_kernel():
+    """In CI the fused kernel is what the suite must exercise, not silently skip."""
+    assert native_build.native_library() is not None
