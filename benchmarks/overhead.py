@@ -301,7 +301,7 @@ def profile_table(name: str, steps: int = 3) -> str:
     fxquant.calibrate(qmodel, x)
     tables = []
     for label, m in (("FP32", model), ("fxquant W4A4", qmodel)):
-        stepper = _Stepper(m, x, y)
+        stepper = _Stepper(m, x, y, {})
         for _ in range(2):
             stepper()
         with torch.profiler.profile() as prof:
