@@ -6,13 +6,16 @@ import os
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import fxquant
 from fxquant.quant import kernel as kernels
 from fxquant.quant import native_build
 from fxquant.quant.kernel import fake_quantize
 from fxquant.quant.quantizers import integer_range
+
+from .strategies import INPUT_SHAPE, models, recipes
 
 needs_native = pytest.mark.skipif(
     native_build.native_library() is None, reason="no C compiler here: the torch-ops kernel is used instead"
@@ -156,6 +159,33 @@ def test_only_the_input_and_the_step_are_saved_for_backward():
     y = fake_quantize(x, scale, None, -8, 7)
     assert type(y.grad_fn).__name__ == "NativeFakeQuantizeBackward"
     assert [t.data_ptr() for t in y.grad_fn.saved_tensors] == [x.data_ptr(), scale.data_ptr()]
+
+
+@needs_native
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(model=models(), recipe=recipes(bits=st.sampled_from([2, 3, 4, 8])), seed=st.integers(0, 1000))
+def test_generated_models_see_the_same_forward_and_gradients_with_either_kernel(model, recipe, seed, monkeypatch):
+    """End to end on a prepared model: the same output and input gradient, bit for bit, and the same parameter
+    gradients to rounding, whichever kernel the quantizers call."""
+    torch.manual_seed(seed)
+    x = torch.randn(INPUT_SHAPE)
+    qmodel = fxquant.prepare_qat(model, recipe, x[:1])
+    fxquant.calibrate(qmodel, x)
+    results = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv("FXQUANT_NATIVE_KERNEL", switch)
+        qmodel.zero_grad(set_to_none=True)
+        xs = x.clone().requires_grad_()
+        out = qmodel(xs)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        grads = {name: p.grad.clone() for name, p in qmodel.named_parameters() if p.grad is not None}
+        results.append((out.detach(), xs.grad, grads))
+    (out, gx, grads), (out_ref, gx_ref, grads_ref) = results
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+    torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-3, atol=1e-4, msg=name)
 
 
 def test_turned_off_by_the_environment(monkeypatch):

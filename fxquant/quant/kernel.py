@@ -26,13 +26,14 @@ general kernel. ``fake_quantize`` picks one.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
+from fxquant.quant.grid import MIN_STEP, MIN_STEP_F32
+from fxquant.quant.grid import exclusive_bounds as _exclusive_bounds
 from fxquant.quant.native_build import native_library
-from fxquant.quant.native_kernel import NativeFakeQuantize, RowGrid
+from fxquant.quant.native_kernel import NativeFakeQuantize, native_fake_quantize_op, native_grid
 
 _hardtanh_backward = torch.ops.aten.hardtanh_backward
 
@@ -42,9 +43,6 @@ def _broadcast_shape(x: torch.Tensor, ch_axis: int | None) -> list[int]:
     if ch_axis is not None:
         shape[ch_axis] = -1
     return shape
-
-
-MIN_STEP = 1e-8  # the smallest step applied (a learned step can be pushed to or through zero)
 
 
 class _FakeQuantize(torch.autograd.Function):
@@ -95,9 +93,6 @@ class _FakeQuantize(torch.autograd.Function):
         return grad_x, grad_scale, grad_zero_point, None, None, None, None
 
 
-_MIN_STEP_F32 = float(torch.tensor(MIN_STEP, dtype=torch.float32))
-
-
 class _FakeQuantizePerTensorCPU(torch.autograd.Function):
     """The same values and input gradient as :class:`_FakeQuantize` for one float32 step on CPU in eager mode,
     with the step and offset as Python numbers (reading them is no device sync on CPU). It saves per call the
@@ -110,7 +105,7 @@ class _FakeQuantizePerTensorCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, scale_value, offset_value, qmin, qmax, grad_factor):
         # scale/zero_point are the tensors gradients flow to; their values arrive as finite Python numbers
-        s = max(scale_value, _MIN_STEP_F32)
+        s = max(scale_value, MIN_STEP_F32)
         inv = 1.0 / s
         z = 0 if zero_point is None else min(max(round(offset_value), qmin), qmax)  # round half to even
         low, high = qmin - z, qmax - z
@@ -136,19 +131,6 @@ class _FakeQuantizePerTensorCPU(torch.autograd.Function):
             outside = grad.sum() - grad_x.sum()
             grad_zero_point = (outside * (-s * grad_factor)).reshape(ctx.scale_shape)
         return grad_x, grad_scale, grad_zero_point, None, None, None, None, None
-
-
-@functools.lru_cache(maxsize=1024)  # called on every forward, with a handful of distinct ranges
-def _exclusive_bounds(low: int, high: int) -> tuple[float, float]:
-    """Open-interval bounds (a, b) on v = x/s such that a < v < b exactly when round(v) ∈ [low, high] under
-    round-half-to-even: at a tie v = high + ½ rounds down (inside) when high is even, so b moves one float32
-    above the tie; the same below."""
-    below, above = low - 0.5, high + 0.5
-    if low % 2 == 0:
-        below = float(torch.nextafter(torch.tensor(below), torch.tensor(-math.inf)))
-    if high % 2 == 0:
-        above = float(torch.nextafter(torch.tensor(above), torch.tensor(math.inf)))
-    return below, above
 
 
 def _hardtanh_backward_into(
@@ -203,31 +185,39 @@ def fake_quantize(
 
         w_hat = fake_quantize(w, scale, None, -8, 7, ch_axis=0, grad_factor=0.01)
     """
-    if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling():
-        return _fake_quantize_cpu(x, scale, zero_point, qmin, qmax, ch_axis, grad_factor)
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        if not torch.compiler.is_compiling():
+            return _fake_quantize_cpu(x, scale, zero_point, qmin, qmax, ch_axis, grad_factor)
+        if _native_applies(scale, zero_point, ch_axis) and _native_kernel_ready():
+            # compiled on CPU: the fused kernel as one opaque op (inductor's generated CPU code for the
+            # quantizers' backward reductions is slower than it; measured in benchmarks/overhead.py)
+            return native_fake_quantize_op(x, scale, zero_point, qmin, qmax, grad_factor)
     return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, ch_axis, grad_factor)
+
+
+@torch.compiler.assume_constant_result  # read while tracing, a constant in the graph: no graph break
+def _native_kernel_ready() -> bool:
+    return native_library() is not None
+
+
+def _native_applies(scale: torch.Tensor, zero_point: torch.Tensor | None, ch_axis: int | None) -> bool:
+    """Per tensor (any offset) or per row along axis 0 without offsets, with a float32 step: what the fused
+    kernel computes."""
+    if scale.dtype != torch.float32:
+        return False
+    return ch_axis is None or (ch_axis == 0 and zero_point is None)
 
 
 def _fake_quantize_cpu(x, scale, zero_point, qmin, qmax, ch_axis, grad_factor):
     """Eager float32 on CPU: the fused native kernel where it applies, else the per-tensor number kernel, else
     the general one."""
     lib = None
-    if x.is_contiguous() and x.numel() > 0 and scale.dtype == torch.float32 and scale.is_contiguous():
+    if x.is_contiguous() and x.numel() > 0 and scale.is_contiguous() and _native_applies(scale, zero_point, ch_axis):
         lib = native_library()
-    if lib is not None and ch_axis is None and scale.numel() == 1:
-        z = 0
-        if zero_point is not None:
-            offset_value = zero_point.detach().item()
-            if not math.isfinite(offset_value):  # a diverged run's NaN: the tensor path propagates it
-                return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, ch_axis, grad_factor)
-            z = min(max(round(offset_value), qmin), qmax)  # round half to even
-        # clamp(round(x/s) + z, Qn, Qp) − z = clamp(round(x/s), Qn − z, Qp − z) for an integer z
-        low, high = qmin - z, qmax - z
-        grid = RowGrid(low, high, *_exclusive_bounds(low, high), _MIN_STEP_F32, grad_factor)
-        return NativeFakeQuantize.apply(x, scale, zero_point, grid, lib)
-    if lib is not None and ch_axis == 0 and zero_point is None and scale.numel() == x.shape[0]:
-        grid = RowGrid(qmin, qmax, *_exclusive_bounds(qmin, qmax), _MIN_STEP_F32, grad_factor)
-        return NativeFakeQuantize.apply(x, scale, zero_point, grid, lib)
+    if lib is not None and scale.numel() == (1 if ch_axis is None else x.shape[0]):
+        grid = native_grid(zero_point, qmin, qmax, grad_factor)
+        if grid is not None:
+            return NativeFakeQuantize.apply(x, scale, zero_point, grid, lib)
     if ch_axis is None:
         scale_value = scale.detach().item()
         offset_value = 0.0 if zero_point is None else zero_point.detach().item()

@@ -12,9 +12,13 @@ Only ``x`` and the step are saved for the backward: the quantized value is recom
 from __future__ import annotations
 
 import ctypes
+import math
 from dataclasses import dataclass
 
 import torch
+
+from fxquant.quant.grid import MIN_STEP_F32, exclusive_bounds
+from fxquant.quant.native_build import native_library
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,24 @@ class RowGrid:
     above: float
     min_step: float
     grad_factor: float
+
+
+def native_grid(zero_point: torch.Tensor | None, qmin: int, qmax: int, grad_factor: float) -> RowGrid | None:
+    """The grid of one call; None when the offset is not finite (a diverged run: the tensor kernel propagates it).
+
+    Example usage::
+
+        grid = native_grid(None, -8, 7, 0.01)
+    """
+    z = 0
+    if zero_point is not None:
+        offset = zero_point.detach().item()  # one number (per-tensor offsets only); no device sync on CPU
+        if not math.isfinite(offset):
+            return None
+        z = min(max(round(offset), qmin), qmax)  # round half to even, as the tensor kernel's round()
+    # clamp(round(x/s) + z, Qn, Qp) − z = clamp(round(x/s), Qn − z, Qp − z) for an integer z
+    low, high = qmin - z, qmax - z
+    return RowGrid(low, high, *exclusive_bounds(low, high), MIN_STEP_F32, grad_factor)
 
 
 def _threads() -> int:
@@ -74,3 +96,109 @@ class NativeFakeQuantize(torch.autograd.Function):
             raise MemoryError(f"fxquant's native kernel could not allocate sums for {rows} rows")
         grad_input = grad_x if ctx.needs_input_grad[0] else None
         return grad_input, grad_scale, grad_offset, None, None
+
+
+# Under torch.compile on CPU the same kernel runs as two opaque custom ops (forward, backward) that the compiler
+# schedules but does not trace into. They are registered in torch's operator library under the fxquant namespace.
+
+
+def _required_library() -> ctypes.CDLL:
+    lib = native_library()
+    if lib is None:  # fake_quantize only emits the op when the library is there
+        raise RuntimeError("fxquant::fake_quantize_rows called without the native kernel (FXQUANT_NATIVE_KERNEL=0?)")
+    return lib
+
+
+def _rows_checked(x: torch.Tensor, scale: torch.Tensor) -> int:
+    rows = scale.numel()
+    if rows != 1 and (x.dim() == 0 or rows != x.shape[0]):
+        raise ValueError(f"fxquant::fake_quantize_rows: {rows} steps for a tensor of shape {tuple(x.shape)}")
+    return rows
+
+
+@torch.library.custom_op("fxquant::fake_quantize_rows", mutates_args=(), device_types="cpu")
+def _rows_forward(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int, grad_factor: float
+) -> torch.Tensor:
+    x, scale = x.contiguous(), scale.contiguous().to(torch.float32)
+    rows = _rows_checked(x, scale)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    grid = native_grid(zero_point, qmin, qmax, grad_factor)
+    lib = _required_library()
+    if grid is None:
+        return out.fill_(math.nan)
+    if x.numel() == 0:
+        return out
+    lib.fxq_forward(
+        x.data_ptr(), out.data_ptr(), rows, x.numel() // rows, scale.data_ptr(), grid.min_step, grid.low,
+        grid.high, _threads(),
+    )  # fmt: skip
+    return out
+
+
+@_rows_forward.register_fake
+def _(x, scale, zero_point, qmin, qmax, grad_factor):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("fxquant::fake_quantize_rows_backward", mutates_args=(), device_types="cpu")
+def _rows_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    qmin: int,
+    qmax: int,
+    grad_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad, x, step = grad.contiguous(), x.contiguous(), scale.contiguous().to(torch.float32)
+    rows = _rows_checked(x, step)
+    grad_x = torch.zeros_like(x, memory_format=torch.contiguous_format)
+    grad_scale, grad_offset = torch.zeros_like(step), torch.zeros_like(step)
+    grid = native_grid(zero_point, qmin, qmax, grad_factor)
+    lib = _required_library()
+    if grid is None:
+        return grad_x, grad_scale.fill_(math.nan), grad_offset.fill_(math.nan)
+    if x.numel() > 0:
+        status = lib.fxq_backward(
+            grad.data_ptr(), x.data_ptr(), grad_x.data_ptr(), rows, x.numel() // rows, step.data_ptr(),
+            grid.min_step, grid.low, grid.high, grid.below, grid.above, grid.grad_factor,
+            grad_scale.data_ptr(), grad_offset.data_ptr(), _threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError(f"fxquant's native kernel could not allocate sums for {rows} rows")
+    return grad_x, grad_scale.to(scale.dtype), grad_offset.to(scale.dtype)
+
+
+@_rows_backward.register_fake
+def _(grad, x, scale, zero_point, qmin, qmax, grad_factor):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(scale), torch.empty_like(scale)
+
+
+def _save_for_rows_backward(ctx, inputs, output):
+    x, scale, zero_point, qmin, qmax, grad_factor = inputs
+    ctx.save_for_backward(x, scale, zero_point)
+    ctx.numbers = (qmin, qmax, grad_factor)
+
+
+def _rows_autograd(ctx, grad):
+    x, scale, zero_point = ctx.saved_tensors
+    grad_x, grad_scale, grad_offset = torch.ops.fxquant.fake_quantize_rows_backward(
+        grad, x, scale, zero_point, *ctx.numbers
+    )
+    return grad_x, grad_scale, None if zero_point is None else grad_offset, None, None, None
+
+
+_rows_forward.register_autograd(_rows_autograd, setup_context=_save_for_rows_backward)
+
+
+def native_fake_quantize_op(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int, grad_factor: float
+) -> torch.Tensor:
+    """The fused kernel as the custom op ``fxquant::fake_quantize_rows``: what a compiled graph calls on CPU.
+
+    Example usage::
+
+        y = native_fake_quantize_op(x, scale, None, -8, 7, 0.01)
+    """
+    return torch.ops.fxquant.fake_quantize_rows(x, scale, zero_point, qmin, qmax, grad_factor)
