@@ -23,7 +23,7 @@ from fxquant.quant.grid import MIN_STEP_F32, exclusive_bounds
 @dataclass(frozen=True)
 class RowGrid:
     """What one call needs besides the tensors: the integer clamp range after the offset shift, the open bounds of
-    the straight-through mask (kernel.py's ``_exclusive_bounds``), the smallest step applied, and the factor LSQ
+    the straight-through mask (``grid.exclusive_bounds``), the smallest step applied, and the factor LSQ
     scales the step and offset gradients by."""
 
     low: float
