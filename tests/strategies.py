@@ -162,3 +162,16 @@ def feature_recipes(draw: st.DrawFn) -> dict:
     if draw(st.booleans()):
         recipe["loss"] = [{"kind": "fpq", "p": draw(st.sampled_from([0.0, 0.5, 1.0])), "layers": "linear"}]
     return recipe
+
+
+def rounding_ties(
+    qmin: int, qmax: int, zero_point: torch.Tensor | None, elements: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(step, x) with every x/s an exact tie (k + ½) at and around the clipping edges of [qmin, qmax] shifted by the
+    offset: a power-of-two step makes (k + ½)·s exact, so round-half-to-even decides every element. ``elements``
+    (default: three copies of the grid) sets the length."""
+    scale = torch.tensor([2.0 ** int(torch.randint(-6, 3, ()))])
+    z = 0 if zero_point is None else int(zero_point)
+    grid = torch.arange(qmin - z - 3, qmax - z + 3).float() + 0.5
+    count = 3 * grid.numel() if elements is None else elements
+    return scale, grid.repeat(count // grid.numel() + 1)[:count] * scale

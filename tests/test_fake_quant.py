@@ -8,6 +8,8 @@ from fxquant.quant import kernel as kernels
 from fxquant.quant.kernel import fake_quantize
 from fxquant.quant.quantizers import integer_range
 
+from .strategies import rounding_ties
+
 
 def torch_kernel(x, scale, zero_point, qmin, qmax, ch_axis, grad_factor):
     if ch_axis is None:
@@ -83,10 +85,8 @@ def test_eager_cpu_per_tensor_path_equals_the_general_kernel(bits, signed, with_
     torch.manual_seed(seed)
     qmin, qmax = integer_range(bits, signed)
     zero_point = torch.tensor([float(torch.randint(qmin, qmax + 1, ()))]) if with_offset else None
-    if ties:  # a power-of-two step makes (k + ½)·s exact: round-half-to-even decides every element
-        scale = torch.tensor([2.0 ** int(torch.randint(-6, 3, ()))])
-        z = 0 if zero_point is None else int(zero_point)
-        x = (torch.arange(qmin - z - 3, qmax - z + 3).float() + 0.5).repeat(3) * scale
+    if ties:
+        scale, x = rounding_ties(qmin, qmax, zero_point)
     else:
         scale = torch.rand(1) + 0.05
         x = torch.randn(4, 5, 6) * 3

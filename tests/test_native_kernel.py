@@ -15,7 +15,7 @@ from fxquant.quant import native_build
 from fxquant.quant.kernel import fake_quantize
 from fxquant.quant.quantizers import integer_range
 
-from .strategies import INPUT_SHAPE, models, recipes
+from .strategies import INPUT_SHAPE, models, recipes, rounding_ties
 
 needs_native = pytest.mark.skipif(
     native_build.native_library() is None, reason="no C compiler here: the torch-ops kernel is used instead"
@@ -71,11 +71,8 @@ def test_per_tensor_equals_the_torch_ops_kernel(bits, signed, with_offset, ties,
     torch.manual_seed(seed)
     qmin, qmax = integer_range(bits, signed)
     zero_point = torch.tensor([float(torch.randint(qmin, qmax + 1, ()))]) if with_offset else None
-    if ties:  # a power-of-two step makes (k + ½)·s exact: round-half-to-even decides every element
-        scale = torch.tensor([2.0 ** int(torch.randint(-6, 3, ()))])
-        z = 0 if zero_point is None else int(zero_point)
-        grid = torch.arange(qmin - z - 3, qmax - z + 3).float() + 0.5
-        x = grid.repeat(elements // grid.numel() + 1)[:elements] * scale
+    if ties:
+        scale, x = rounding_ties(qmin, qmax, zero_point, elements)
     else:
         scale = torch.rand(1) + 0.05
         x = torch.randn(elements) * 3
