@@ -122,6 +122,56 @@ def test_per_channel_equals_the_torch_ops_kernel(bits, channels, inner, threads,
 
 
 @needs_native
+@settings(max_examples=50, deadline=None)
+@given(
+    bits=st.integers(2, 8),
+    signed=st.booleans(),
+    with_offset=st.booleans(),
+    input_range=st.sampled_from([(0.0, float("inf")), (0.0, 6.0), (-1.0, 1.0), (-0.3, 2.5)]),
+    elements=st.sampled_from([1, 9, 2049, 70_001]),
+    threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 10_000),
+)
+def test_a_fused_input_clamp_equals_hardtanh_then_the_torch_ops_kernel(
+    bits, signed, with_offset, input_range, elements, threads, seed
+):
+    """fake_quantize(x, input_range=(lo, hi)) on the native kernel is F.hardtanh(x, lo, hi) followed by the
+    torch-ops kernel: the same values and input gradient (zero at the bounds themselves, as hardtanh's), the step
+    and offset gradients of a quantizer that reads the clamped tensor."""
+    torch.manual_seed(seed)
+    qmin, qmax = integer_range(bits, signed)
+    zero_point = torch.tensor([float(torch.randint(qmin, qmax + 1, ()))]) if with_offset else None
+    scale = torch.rand(1) * 0.3 + 0.02
+    x = torch.randn(elements) * 4
+    low, high = input_range
+    x[: elements // 3] = torch.tensor([low, high if high < float("inf") else 1.0])[
+        torch.randint(0, 2, (elements // 3,))
+    ]
+    upstream = torch.randn_like(x)
+
+    def fused(xs, ss, zs, qmin, qmax, ch_axis, grad_factor):
+        return fake_quantize(xs, ss, zs, qmin, qmax, ch_axis, grad_factor, input_range)
+
+    def reference_kernel(xs, ss, zs, qmin, qmax, ch_axis, grad_factor):
+        return general(torch.nn.functional.hardtanh(xs, low, high), ss, zs, qmin, qmax, ch_axis, grad_factor)
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        native = run(fused, x, scale, zero_point, qmin, qmax, None, upstream)
+    finally:
+        torch.set_num_threads(previous)
+    assert uses_native(x, scale, zero_point, qmin, qmax, None)
+    reference = run(reference_kernel, x, scale, zero_point, qmin, qmax, None, upstream)
+    assert_same(native, reference, magnitude_of(x.clamp(low, high), scale, upstream, qmin, qmax, None))
+    # the torch-ops path of fake_quantize applies the clamp as its own op: the same again
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FXQUANT_NATIVE_KERNEL", "0")
+        torch_ops = run(fused, x, scale, zero_point, qmin, qmax, None, upstream)
+    assert_same(torch_ops, reference, magnitude_of(x.clamp(low, high), scale, upstream, qmin, qmax, None))
+
+
+@needs_native
 def test_nan_and_infinite_inputs_are_handled_like_the_torch_ops_kernel():
     x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.3, -0.2, 5.0] * 3)
     upstream = torch.tensor([1.0, float("nan"), 2.0, 3.0, float("nan"), 4.0] * 3)

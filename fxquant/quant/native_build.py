@@ -30,7 +30,7 @@ import warnings
 from importlib import resources
 from pathlib import Path
 
-INTERFACE_VERSION = 2  # fxq_version() of a build this module can call
+INTERFACE_VERSION = 3  # fxq_version() of a build this module can call
 _SOURCE = ("native", "fake_quant.c")
 # -ffp-contract=off: x·(1/s) and the rounding must stay separate float32 operations, as in torch's kernels.
 _FLAGS = ("-O3", "-std=gnu11", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC")
@@ -162,10 +162,12 @@ def _load(path: Path) -> ctypes.CDLL:
         raise NativeKernelUnavailable(f"{path} has interface {lib.fxq_version()}, expected {INTERFACE_VERSION}")
     pointer, count, number = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     lib.fxq_forward.restype = None
-    lib.fxq_forward.argtypes = [pointer, pointer, count, count, pointer, number, number, number, ctypes.c_int]
+    lib.fxq_forward.argtypes = [
+        pointer, pointer, count, count, pointer, number, number, number, number, number, ctypes.c_int,
+    ]  # fmt: skip
     lib.fxq_backward.restype = ctypes.c_int
     lib.fxq_backward.argtypes = [
         pointer, pointer, pointer, count, count, pointer, number,
-        number, number, number, number, number, pointer, pointer, ctypes.c_int,
+        number, number, number, number, number, number, number, pointer, pointer, ctypes.c_int,
     ]  # fmt: skip
     return lib

@@ -7,6 +7,9 @@ torch-ops kernels in ``kernel.py``; the step and offset gradients are the same s
 (in double across blocks), so they agree to rounding (``tests/test_native_kernel.py`` checks both).
 
 Only ``x`` and the step are saved for the backward: the quantized value is recomputed from x in the same pass.
+A fused input clamp (``RowGrid.input_low``/``input_high``: the ReLU, ReLU6 or Hardtanh that
+``passes.fuse_activations`` folded into the quantizer) is applied in the same passes, so the activation function
+costs no pass of its own.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from fxquant.quant.grid import MIN_STEP_F32, exclusive_bounds
 @dataclass(frozen=True)
 class RowGrid:
     """What one call needs besides the tensors: the integer clamp range after the offset shift, the open bounds of
-    the straight-through mask (``grid.exclusive_bounds``), the smallest step applied, and the factor LSQ
-    scales the step and offset gradients by."""
+    the straight-through mask (``grid.exclusive_bounds``), the smallest step applied, the factor LSQ
+    scales the step and offset gradients by, and the input clamp applied before quantizing (±inf: none)."""
 
     low: float
     high: float
@@ -32,14 +35,22 @@ class RowGrid:
     above: float
     min_step: float
     grad_factor: float
+    input_low: float = -math.inf
+    input_high: float = math.inf
 
 
-def native_grid(zero_point: torch.Tensor | None, qmin: int, qmax: int, grad_factor: float) -> RowGrid | None:
+def native_grid(
+    zero_point: torch.Tensor | None,
+    qmin: int,
+    qmax: int,
+    grad_factor: float,
+    input_range: tuple[float, float] | None = None,
+) -> RowGrid | None:
     """The grid of one call; None when the offset is not finite (a diverged run: the tensor kernel propagates it).
 
     Example usage::
 
-        grid = native_grid(None, -8, 7, 0.01)
+        grid = native_grid(None, 0, 15, 0.01, input_range=(0.0, 6.0))  # a fused ReLU6
     """
     z = 0
     if zero_point is not None:
@@ -49,7 +60,8 @@ def native_grid(zero_point: torch.Tensor | None, qmin: int, qmax: int, grad_fact
         z = min(max(round(offset), qmin), qmax)  # round half to even, as the tensor kernel's round()
     # clamp(round(x/s) + z, Qn, Qp) − z = clamp(round(x/s), Qn − z, Qp − z) for an integer z
     low, high = qmin - z, qmax - z
-    return RowGrid(low, high, *exclusive_bounds(low, high), MIN_STEP_F32, grad_factor)
+    input_low, input_high = (-math.inf, math.inf) if input_range is None else input_range
+    return RowGrid(low, high, *exclusive_bounds(low, high), MIN_STEP_F32, grad_factor, input_low, input_high)
 
 
 def _threads() -> int:
@@ -57,7 +69,7 @@ def _threads() -> int:
 
 
 class NativeFakeQuantize(torch.autograd.Function):
-    """y = fake_quantize(x) over the rows of a contiguous float32 x, one step per row (``scale``: contiguous
+    """y = fake_quantize(clamp(x)) over the rows of a contiguous float32 x, one step per row (``scale``: contiguous
     float32, one value per row; ``zero_point``: None, or one offset already folded into the grid's range);
     LSQ/LSQ+ gradients."""
 
@@ -67,7 +79,7 @@ class NativeFakeQuantize(torch.autograd.Function):
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         lib.fxq_forward(
             x.data_ptr(), out.data_ptr(), rows, x.numel() // rows, scale.data_ptr(), grid.min_step,
-            grid.low, grid.high, _threads(),
+            grid.low, grid.high, grid.input_low, grid.input_high, _threads(),
         )  # fmt: skip
         # The step is read again in backward (autograd's version check refuses it if changed in place meanwhile).
         ctx.save_for_backward(x, scale)
@@ -86,7 +98,8 @@ class NativeFakeQuantize(torch.autograd.Function):
         grad_offset = torch.empty_like(scale) if ctx.has_offset and ctx.needs_input_grad[2] else None
         status = ctx.lib.fxq_backward(
             grad.data_ptr(), x.data_ptr(), grad_x.data_ptr(), rows, x.numel() // rows, scale.data_ptr(),
-            grid.min_step, grid.low, grid.high, grid.below, grid.above, grid.grad_factor,
+            grid.min_step, grid.low, grid.high, grid.below, grid.above, grid.input_low, grid.input_high,
+            grid.grad_factor,
             None if grad_scale is None else grad_scale.data_ptr(),
             None if grad_offset is None else grad_offset.data_ptr(),
             _threads(),

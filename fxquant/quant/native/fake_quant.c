@@ -14,6 +14,12 @@
  * before clamping because the bounds are integers. NaN inputs stay NaN. Sums are accumulated in float vectors over
  * short blocks and in double across blocks.
  *
+ * Fused input clamp: a ReLU, ReLU6 or Hardtanh whose only reader is the quantizer is folded into it (passes/
+ * fuse_activations.py), and the kernel applies it first: xc = clamp(x, in_low, in_high) (NaN stays NaN), then the
+ * quantization of xc; the backward also zeroes the gradient outside the open interval (in_low, in_high), as
+ * torch's hardtanh_backward does, and takes the step sums over xc. Without one, the bounds are -inf and +inf and the
+ * loops compiled for that case skip the clamp.
+ *
  * Layout: `rows` rows of `inner` contiguous elements, one step per row (per tensor: one row). Threads: the caller
  * passes torch's thread count; rows (or, for one row, ranges of it) are split into that many parts run by OpenMP.
  * Built with -fopenmp, this file needs libgomp.so.1, and inside a process that imported torch's pip wheel the
@@ -22,6 +28,7 @@
  * spinning workers for the cores.) Built without OpenMP, everything runs on the calling thread. Small tensors run
  * on one thread either way.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -61,66 +68,93 @@ static inline float clamp1(float v, float low, float high) {
 
 typedef struct {
     float inv, s, low, high, below, above;
+    float in_low, in_high; /* the fused input clamp, or -inf and +inf */
 } Grid;
 
-/* forward of one row: out = round(clamp(x * inv)) * s */
-static void forward_row(const float *restrict x, float *restrict out, int64_t n, Grid g) {
-    const vfloat inv = splat(g.inv), s = splat(g.s), low = splat(g.low), high = splat(g.high), magic = splat(MAGIC);
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES) {
-        vfloat v = load(x + i) * inv;
-        v = pick(v < low, low, v);
-        v = pick(v > high, high, v);
-        store(out + i, ((v + magic) - magic) * s);
-    }
-    for (; i < n; ++i) out[i] = ((clamp1(x[i] * g.inv, g.low, g.high) + MAGIC) - MAGIC) * g.s;
+static inline vfloat clamp_v(vfloat v, vfloat low, vfloat high) {
+    v = pick(v < low, low, v); /* a NaN fails both tests and stays NaN */
+    return pick(v > high, high, v);
 }
 
-/* backward of one row: grad_x, and sums[0] += Σ grad·out, sums[1] += Σ grad_x·x, sums[2] += Σ (grad − grad_x) */
-static void backward_row(const float *restrict grad, const float *restrict x, float *restrict grad_x, int64_t n,
-                         Grid g, double *sums) {
+/* forward of one row: out = round(clamp(xc * inv)) * s with xc = clamp(x, in_low, in_high). `clamped` is a
+ * compile-time constant at each call site, so the loop without an input clamp does no extra work. */
+static inline void forward_row_impl(const float *restrict x, float *restrict out, int64_t n, Grid g,
+                                    const int clamped) {
+    const vfloat inv = splat(g.inv), s = splat(g.s), low = splat(g.low), high = splat(g.high), magic = splat(MAGIC);
+    const vfloat in_low = splat(g.in_low), in_high = splat(g.in_high);
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        vfloat xv = load(x + i);
+        if (clamped) xv = clamp_v(xv, in_low, in_high);
+        const vfloat v = clamp_v(xv * inv, low, high);
+        store(out + i, ((v + magic) - magic) * s);
+    }
+    for (; i < n; ++i) {
+        const float xc = clamped ? clamp1(x[i], g.in_low, g.in_high) : x[i];
+        out[i] = ((clamp1(xc * g.inv, g.low, g.high) + MAGIC) - MAGIC) * g.s;
+    }
+}
+
+static void forward_row(const float *restrict x, float *restrict out, int64_t n, Grid g) {
+    if (g.in_low == -INFINITY && g.in_high == INFINITY) forward_row_impl(x, out, n, g, 0);
+    else forward_row_impl(x, out, n, g, 1);
+}
+
+/* backward of one row: grad_x, and sums[0] += Σ grad·out, sums[1] += Σ grad_q·xc, sums[2] += Σ (grad − grad_q),
+ * where grad_q is the quantizer's own straight-through gradient (before the input clamp's mask) and xc the
+ * clamped input: the step and offset gradients of the quantizer that reads xc. */
+static inline void backward_row_impl(const float *restrict grad, const float *restrict x, float *restrict grad_x,
+                                     int64_t n, Grid g, double *sums, const int clamped) {
     const vfloat inv = splat(g.inv), s = splat(g.s), low = splat(g.low), high = splat(g.high), magic = splat(MAGIC);
     const vfloat below = splat(g.below), above = splat(g.above), zero = splat(0.0f);
-    double grad_out = 0.0, gradx_x = 0.0, outside = 0.0;
+    const vfloat in_low = splat(g.in_low), in_high = splat(g.in_high);
+    double grad_out = 0.0, gradq_x = 0.0, outside = 0.0;
     int64_t i = 0;
     while (i + LANES <= n) {
         const int64_t stop = i + BLOCK < n ? i + BLOCK : n;
-        vfloat acc_grad_out = zero, acc_gradx_x = zero, acc_outside = zero;
+        vfloat acc_grad_out = zero, acc_gradq_x = zero, acc_outside = zero;
         for (; i + LANES <= stop; i += LANES) {
             const vfloat xv = load(x + i), gv = load(grad + i);
-            const vfloat v = xv * inv;
-            vfloat q = pick(v < low, low, v);
-            q = pick(q > high, high, q);
-            const vfloat out = ((q + magic) - magic) * s;
-            const vfloat gx = pick((v > below) & (v < above), gv, zero);
+            const vfloat xc = clamped ? clamp_v(xv, in_low, in_high) : xv;
+            const vfloat v = xc * inv;
+            const vfloat out = ((clamp_v(v, low, high) + magic) - magic) * s;
+            const vfloat gq = pick((v > below) & (v < above), gv, zero);
+            const vfloat gx = clamped ? pick((xv > in_low) & (xv < in_high), gq, zero) : gq;
             store(grad_x + i, gx);
             acc_grad_out += gv * out;
-            acc_gradx_x += gx * xv;
-            acc_outside += gv - gx;
+            acc_gradq_x += gq * xc;
+            acc_outside += gv - gq;
         }
         grad_out += lane_sum(acc_grad_out);
-        gradx_x += lane_sum(acc_gradx_x);
+        gradq_x += lane_sum(acc_gradq_x);
         outside += lane_sum(acc_outside);
     }
     for (; i < n; ++i) {
-        const float v = x[i] * g.inv;
+        const float xc = clamped ? clamp1(x[i], g.in_low, g.in_high) : x[i];
+        const float v = xc * g.inv;
         const float out = ((clamp1(v, g.low, g.high) + MAGIC) - MAGIC) * g.s;
-        const float gx = (v > g.below && v < g.above) ? grad[i] : 0.0f;
-        grad_x[i] = gx;
+        const float gq = (v > g.below && v < g.above) ? grad[i] : 0.0f;
+        grad_x[i] = (!clamped || (x[i] > g.in_low && x[i] < g.in_high)) ? gq : 0.0f;
         grad_out += grad[i] * out;
-        gradx_x += gx * x[i];
-        outside += grad[i] - gx;
+        gradq_x += gq * xc;
+        outside += grad[i] - gq;
     }
     sums[0] += grad_out;
-    sums[1] += gradx_x;
+    sums[1] += gradq_x;
     sums[2] += outside;
+}
+
+static void backward_row(const float *restrict grad, const float *restrict x, float *restrict grad_x, int64_t n,
+                         Grid g, double *sums) {
+    if (g.in_low == -INFINITY && g.in_high == INFINITY) backward_row_impl(grad, x, grad_x, n, g, sums, 0);
+    else backward_row_impl(grad, x, grad_x, n, g, sums, 1);
 }
 
 typedef struct {
     const float *x, *grad;
     float *out;
     const float *scale; /* one step per row, applied as max(step, min_step) */
-    float min_step, low, high, below, above;
+    float min_step, low, high, below, above, in_low, in_high;
     int64_t inner;
     /* rows [row_begin, row_end), or, with one row, elements [begin, end) of it */
     int64_t row_begin, row_end, begin, end;
@@ -137,7 +171,7 @@ static float applied_step(const Part *p, int64_t row) {
 
 static Grid grid_of(const Part *p, int64_t row) {
     const float s = applied_step(p, row);
-    Grid g = {1.0f / s, s, p->low, p->high, p->below, p->above};
+    Grid g = {1.0f / s, s, p->low, p->high, p->below, p->above, p->in_low, p->in_high};
     return g;
 }
 
@@ -192,28 +226,30 @@ static void run(Part *proto, int64_t rows, int threads) {
     }
 }
 
-/* out = fake_quantize(x), one step per row of `inner` elements. */
+/* out = fake_quantize(clamp(x, in_low, in_high)), one step per row of `inner` elements. */
 void fxq_forward(const float *x, float *out, int64_t rows, int64_t inner, const float *scale, float min_step,
-                 float low, float high, int threads) {
+                 float low, float high, float in_low, float in_high, int threads) {
     Part p;
     memset(&p, 0, sizeof p);
     p.x = x; p.out = out; p.scale = scale; p.min_step = min_step; p.low = low; p.high = high; p.inner = inner;
+    p.in_low = in_low; p.in_high = in_high;
     run(&p, rows, threads);
 }
 
 /* grad_x, and per row (each pointer may be NULL when that gradient is not wanted)
- *   grad_scale[r]  = grad_factor · (Σ grad·out − Σ grad_x·x) / s   (LSQ: Σ grad·((c − z) − m·x/s))
- *   grad_offset[r] = −grad_factor · s · Σ (grad − grad_x)          (LSQ+: the clipped elements' share)
+ *   grad_scale[r]  = grad_factor · (Σ grad·out − Σ grad_q·xc) / s   (LSQ: Σ grad·((c − z) − m·xc/s))
+ *   grad_offset[r] = −grad_factor · s · Σ (grad − grad_q)          (LSQ+: the clipped elements' share)
  * Returns 0, or −1 when the row sums cannot be allocated (nothing written then). */
 int fxq_backward(const float *grad, const float *x, float *grad_x, int64_t rows, int64_t inner, const float *scale,
-                 float min_step, float low, float high, float below, float above, float grad_factor,
-                 float *grad_scale, float *grad_offset, int threads) {
+                 float min_step, float low, float high, float below, float above, float in_low, float in_high,
+                 float grad_factor, float *grad_scale, float *grad_offset, int threads) {
     double *sums = calloc((size_t)(3 * rows), sizeof(double));
     if (!sums) return -1;
     Part p;
     memset(&p, 0, sizeof p);
     p.x = x; p.grad = grad; p.out = grad_x; p.scale = scale; p.min_step = min_step; p.low = low; p.high = high;
-    p.below = below; p.above = above; p.inner = inner; p.sums = sums; p.backward = 1;
+    p.below = below; p.above = above; p.in_low = in_low; p.in_high = in_high; p.inner = inner; p.sums = sums;
+    p.backward = 1;
     run(&p, rows, threads);
     for (int64_t r = 0; r < rows; ++r) {
         const float s = applied_step(&p, r), inv = 1.0f / s;
@@ -226,4 +262,4 @@ int fxq_backward(const float *grad, const float *x, float *grad_x, int64_t rows,
 }
 
 /* The library's interface version: native_kernel.py refuses a build whose version differs. */
-int fxq_version(void) { return 2; }
+int fxq_version(void) { return 3; }
