@@ -1,7 +1,7 @@
 """Hypothesis strategies shared by the whole test suite: random models and random valid recipes.
 
-A generated model is a small CNN described by a list of op codes (conv, BN, ReLU, residual add, concat,
-pooling, a conv module called twice, functional conv/linear/relu, matmul, conv-transpose, depthwise conv)
+A generated model is a small CNN described by a list of op codes (conv, BN, ReLU, ReLU6, residual add,
+concat, pooling, a conv module called twice, functional conv/linear/relu, matmul, conv-transpose, depthwise conv)
 ending in pooling, flatten and a linear classifier. Every description builds a model that symbolic tracing
 accepts and that runs on (N, 3, 8, 8) inputs.
 """
@@ -15,7 +15,21 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
 
-OPS = ("conv", "bn", "relu", "residual", "cat", "pool", "shared", "fconv", "frelu", "matmul", "convt", "dwconv")
+OPS = (
+    "conv",
+    "bn",
+    "relu",
+    "relu6",
+    "residual",
+    "cat",
+    "pool",
+    "shared",
+    "fconv",
+    "frelu",
+    "matmul",
+    "convt",
+    "dwconv",
+)
 INPUT_SHAPE = (2, 3, 8, 8)
 
 
@@ -47,6 +61,8 @@ class GeneratedNet(nn.Module):
                 self.layers.append(nn.BatchNorm2d(channels))
             elif op == "relu":
                 self.layers.append(nn.ReLU())
+            elif op == "relu6":
+                self.layers.append(nn.ReLU6())
             elif op in ("residual", "shared"):
                 self.layers.append(nn.Conv2d(channels, channels, 3, padding=1, groups=1))
             elif op == "cat":
@@ -80,7 +96,7 @@ class GeneratedNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for op, index, pindex in self.plan:
-            if op in ("conv", "bn", "relu", "pool", "convt", "dwconv"):
+            if op in ("conv", "bn", "relu", "relu6", "pool", "convt", "dwconv"):
                 x = self.layers[index](x)
             elif op == "residual":
                 x = x + self.layers[index](x)

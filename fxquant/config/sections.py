@@ -114,6 +114,11 @@ class QuantSection(Section):
         doc="F.scaled_dot_product_attention calls: fused (q, k, v quantized) or explicit (matmuls, softmax output "
         "quantized too)",
     )
+    fuse_activations: bool = setting(
+        True,
+        doc="fold a ReLU, ReLU6 or Hardtanh whose only reader is an activation quantizer into it (the same values "
+        "and gradients, without a pass of its own)",
+    )
     rule: tuple[Rule, ...] = setting((), doc="ordered overrides; the last match wins")
 
     def __post_init__(self) -> None:

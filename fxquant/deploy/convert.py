@@ -4,13 +4,15 @@ Quantizer state becomes constants (no ``bool(buffer)`` branch, no in-place updat
 initialisation): activation quantizers become :class:`~fxquant.deploy.frozen.FrozenQuantizer`, quantized layers
 :class:`~fxquant.deploy.frozen.IntegerLayer` with integer weights computed from the *learned* steps, folded
 ``ConvBn`` a conv with a bias; taps, perturbations and disabled quantizers vanish (a layer whose weight quantizer
-is off or at 16/32 bits becomes its plain float layer). In eval mode the result
-computes exactly what the prepared model computes.
+is off or at 16/32 bits becomes its plain float layer); an activation function fused into a quantizer
+(``passes.fuse_activations``) is written back as its own op before it (``torch.relu`` or ``torch.clamp``, which
+exporters know). In eval mode the result computes exactly what the prepared model computes.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import fx, nn
@@ -64,9 +66,27 @@ def _qualified(piece: str, target: str) -> str:
     return f"{piece}.{target}" if piece else target
 
 
+def _unfuse_activations(gm: fx.GraphModule) -> None:
+    """Give each quantizer's fused input clamp back its own node: ``relu`` for (0, inf), else ``clamp``."""
+    for node in list(gm.graph.nodes):
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(module, FakeQuantizer) or module.input_clamp is None:
+            continue
+        low, high = module.input_clamp
+        source = node.args[0]
+        with gm.graph.inserting_before(node):
+            if (low, high) == (0.0, math.inf):
+                clamped = gm.graph.call_function(torch.relu, (source,))
+            else:
+                clamped = gm.graph.call_function(torch.clamp, (source, low, None if math.isinf(high) else high))
+        node.replace_input_with(source, clamped)
+        module.input_clamp = None
+
+
 def _freeze_graph(gm: fx.GraphModule, piece: str) -> None:
     """Rewrite one prepared graph in place (see the module docstring)."""
     graph = gm.graph
+    _unfuse_activations(gm)
     for node in list(graph.nodes):
         if node.op != "call_module":
             continue

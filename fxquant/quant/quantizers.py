@@ -25,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from fxquant.quant.kernel import MIN_STEP, fake_quantize
+from fxquant.quant.kernel import MIN_STEP, clamp_input, fake_quantize
 from fxquant.quant.spec import FULL_PRECISION_BITS, QuantizerConfig, check_bits
 
 from . import observers
@@ -81,6 +81,9 @@ class FakeQuantizer(nn.Module):
         self._is_initialized = False
         self._grad_factor_key: tuple = ()
         self._grad_factor = 1.0
+        # (low, high) of an activation function folded into this quantizer by passes.fuse_activations (a ReLU is
+        # (0, inf), a ReLU6 (0, 6)): the quantizer reads that function's input and applies it first, on or off.
+        self.input_clamp: tuple[float, float] | None = None
 
     # -- bit width ----------------------------------------------------------------------------------
     @property
@@ -197,7 +200,8 @@ class FakeQuantizer(nn.Module):
         if self.group_size is not None:
             gran = f"per_group(size={self.group_size})"
         sign = {None: "sign=auto", True: "signed", False: "unsigned"}[self.signed]
-        return f"bits={self._bits}, {self.config.scheme}, {gran}, {sign}, enabled={self.enabled}"
+        fused = "" if self.input_clamp is None else f", input_clamp={self.input_clamp}"
+        return f"bits={self._bits}, {self.config.scheme}, {gran}, {sign}, enabled={self.enabled}{fused}"
 
     def step_range(self) -> tuple[float, float] | None:
         """(min, max) of the current step sizes, or None before initialisation."""
@@ -348,20 +352,21 @@ class LSQQuantizer(FakeQuantizer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_active:
-            return x
+            return clamp_input(x, self.input_clamp)  # a fused activation stays part of the model
         if not self._is_initialized:
             # Eager convenience for the first batch; under torch.compile this branch is a guard on a Python
             # bool, and calibrating first (fxquant.calibrate, which fit runs) keeps it out of the compiled graph.
-            self.initialize(x)
+            self.initialize(clamp_input(x.detach(), self.input_clamp))
         qmin, qmax = self.qrange()
         # The kernel applies the step clamped to ≥ ε without touching the parameter; TrainStep clamps the
         # parameters themselves after each optimizer step (clamp_steps), so what is stored stays what is used.
         grad_factor = self._gradient_scale(x)
         zero_point = self.zero_point if self.learn_offset else None
         if self.group_size is not None:
-            grouped = fake_quantize(self._grouped(x), self._step(), zero_point, qmin, qmax, 0, grad_factor)
+            rows = self._grouped(clamp_input(x, self.input_clamp))
+            grouped = fake_quantize(rows, self._step(), zero_point, qmin, qmax, 0, grad_factor)
             return grouped.reshape(x.shape)
-        return fake_quantize(x, self._step(), zero_point, qmin, qmax, self.ch_axis, grad_factor)
+        return fake_quantize(x, self._step(), zero_point, qmin, qmax, self.ch_axis, grad_factor, self.input_clamp)
 
     def learned_steps(self) -> list[nn.Parameter]:
         """The step parameters this quantizer learns (one, or one per width while steps are shared)."""

@@ -5,7 +5,16 @@ state_dict round trip (8)."""
 import copy
 
 import torch
-from fxquant.passes import PassContext, annotate, assign_bits, check_invariants, fold_bn, insert_quantizers, verify
+from fxquant.passes import (
+    PassContext,
+    annotate,
+    assign_bits,
+    check_invariants,
+    fold_bn,
+    fuse_activations,
+    insert_quantizers,
+    verify,
+)
 from fxquant.passes.patterns import is_quantizer_node
 from hypothesis import given
 from torch import fx
@@ -77,7 +86,7 @@ def test_passes_are_idempotent_and_keep_the_graph_valid(model, recipe):
     qmodel = fxquant.prepare_qat(model, recipe)
     gm = qmodel.graph_module
     ctx = PassContext(recipe=load_recipe(recipe))
-    for fn in (annotate, fold_bn, insert_quantizers, assign_bits, verify):
+    for fn in (annotate, fold_bn, insert_quantizers, fuse_activations, assign_bits, verify):
         before = _graph_state(gm)
         gm = fn(gm, ctx)
         gm.graph.lint()
