@@ -190,7 +190,7 @@ def fake_quantize(
         w_hat = fake_quantize(w, scale, None, -8, 7, ch_axis=0, grad_factor=0.01)
         a_hat = fake_quantize(a, a_step, None, 0, 15, grad_factor=0.002, input_range=(0.0, 6.0))  # ReLU6 first
     """
-    if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling():
+    if x.is_cpu and x.dtype == torch.float32 and not torch.compiler.is_compiling():
         return _fake_quantize_cpu(x, scale, zero_point, qmin, qmax, ch_axis, grad_factor, input_range)
     x = clamp_input(x, input_range)
     # Compiled (any device): the tensor kernel, which inductor fuses with its neighbours. The fused C kernel as an

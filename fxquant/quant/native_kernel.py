@@ -15,6 +15,7 @@ costs no pass of its own.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 from dataclasses import dataclass
 
@@ -59,7 +60,11 @@ def native_grid(
             return None
         z = min(max(round(offset), qmin), qmax)  # round half to even, as the tensor kernel's round()
     # clamp(round(x/s) + z, Qn, Qp) − z = clamp(round(x/s), Qn − z, Qp − z) for an integer z
-    low, high = qmin - z, qmax - z
+    return _row_grid(qmin - z, qmax - z, grad_factor, input_range)
+
+
+@functools.lru_cache(maxsize=4096)  # every forward asks; a model has a handful of distinct grids
+def _row_grid(low: int, high: int, grad_factor: float, input_range: tuple[float, float] | None) -> RowGrid:
     input_low, input_high = (-math.inf, math.inf) if input_range is None else input_range
     return RowGrid(low, high, *exclusive_bounds(low, high), MIN_STEP_F32, grad_factor, input_low, input_high)
 
