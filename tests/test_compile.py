@@ -10,6 +10,7 @@ from torch import nn
 import fxquant
 from fxquant.quant import LSQQuantizer, ObserverQuantizer, QuantizerConfig, clamp_steps, make_quantizer
 from fxquant.quant.kernel import MIN_STEP, fake_quantize
+from fxquant.quant.native_build import native_library
 
 from .strategies import INPUT_SHAPE, models
 
@@ -146,3 +147,45 @@ def test_fit_compiled_follows_the_eager_loss_trajectory():
         for name, q in eager.quantizers().items()
     ]
     assert sorted(drift)[len(drift) // 2] < 0.05, drift
+
+
+@pytest.mark.skipif(native_library() is None, reason="no C compiler here: compiled graphs keep the tensor backward")
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(shape=(4, 6, 5, 5), channels=None, offset=True, input_range=(0.0, 6.0)),  # a fused ReLU6, LSQ+
+        dict(shape=(4, 6, 5, 5), channels=None, offset=False, input_range=None),
+        dict(shape=(8, 3, 3, 3), channels=0, offset=False, input_range=None),  # per-channel weights
+    ],
+)
+def test_a_compiled_cpu_backward_is_the_c_kernel_with_the_eager_gradients(case):
+    """Compiled on CPU, the forward is traced tensor ops and the backward the C kernel as the opaque op
+    fxquant::fake_quantize_backward: the same values and input gradient as eager, step gradients to rounding."""
+    torch.manual_seed(0)
+    x = torch.randn(case["shape"]) * 4
+    rows = 1 if case["channels"] is None else x.shape[0]
+    scale = torch.rand(rows) * 0.3 + 0.05
+    zero_point = torch.tensor([3.0]) if case["offset"] else None
+    qmin, qmax = (0, 15) if case["offset"] or case["input_range"] else (-8, 7)
+    upstream = torch.randn_like(x)
+
+    def quantize(xs, ss, zs):
+        return fake_quantize(xs, ss, zs, qmin, qmax, case["channels"], 0.05, case["input_range"])
+
+    def gradients(fn):
+        xs, ss = x.clone().requires_grad_(), scale.clone().requires_grad_()
+        zs = None if zero_point is None else zero_point.clone().requires_grad_()
+        y = fn(xs, ss, zs)
+        (y * upstream).sum().backward()
+        return y.detach(), xs.grad, ss.grad, None if zs is None else zs.grad
+
+    torch._dynamo.reset()
+    compiled = torch.compile(quantize, fullgraph=True)
+    with torch.profiler.profile() as profile:
+        got = gradients(compiled)
+    assert any(e.key == "fxquant::fake_quantize_backward" for e in profile.key_averages())
+    expected = gradients(quantize)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    for g, e in zip(got[2:], expected[2:]):
+        if e is not None:
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)

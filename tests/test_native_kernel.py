@@ -277,3 +277,21 @@ def test_the_cache_key_follows_the_source(monkeypatch, tmp_path):
 def test_ci_builds_the_native_kernel():
     """In CI the fused kernel is what the suite must exercise, not silently skip."""
     assert native_build.native_library() is not None
+
+
+@needs_native
+@pytest.mark.parametrize("with_offset", [False, True])
+def test_the_compiled_backward_op_falls_back_to_the_tensor_kernel_with_the_same_gradients(with_offset, monkeypatch):
+    """fxquant::fake_quantize_backward run after the kernel was switched off (a graph traced before) takes the
+    tensor path: the same input gradient, step and offset gradients to rounding."""
+    torch.manual_seed(0)
+    x, grad = torch.randn(4, 5, 6) * 3, torch.randn(4, 5, 6)
+    scale, offset = torch.tensor([0.2]), torch.tensor([2.0]) if with_offset else None
+    op = torch.ops.fxquant.fake_quantize_backward
+    native = op(grad, x, scale, offset, 0, 15, 0.1, 0.0, 6.0)
+    monkeypatch.setenv("FXQUANT_NATIVE_KERNEL", "0")
+    fallback = op(grad, x, scale, offset, 0, 15, 0.1, 0.0, 6.0)
+    assert torch.equal(native[0], fallback[0])
+    torch.testing.assert_close(native[1], fallback[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(native[2], fallback[2], rtol=1e-5, atol=1e-6)
+    assert with_offset or torch.equal(native[2], torch.zeros(1))

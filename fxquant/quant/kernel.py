@@ -21,7 +21,9 @@ its neighbours); in eager mode on CPU, for contiguous float32 tensors per tensor
 C kernel of :mod:`fxquant.quant.native_kernel` (one pass forward, one backward; compiled on first use, see
 :mod:`fxquant.quant.native_build`); and, where that kernel is unavailable, for one float32 step on CPU,
 :class:`_FakeQuantizePerTensorCPU`, which reads the step as a Python number and makes fewer passes than the
-general kernel. ``fake_quantize`` picks one.
+general kernel. Compiled on CPU where the C kernel applies, :class:`_FakeQuantizeCompiledCPU` keeps the forward
+as traced tensor ops and runs the C kernel's backward as the opaque op ``fxquant::fake_quantize_backward``.
+``fake_quantize`` picks one.
 """
 
 from __future__ import annotations
@@ -52,16 +54,9 @@ class _FakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, ch_axis, grad_factor):
-        shape = _broadcast_shape(x, ch_axis)
-        s = scale.detach().clamp(min=MIN_STEP).reshape(shape).to(x.dtype)
-        z = None
-        if zero_point is not None:
-            z = zero_point.detach().round().clamp(qmin, qmax).reshape(shape).to(x.dtype)
+        s, z = _applied_grid(x, scale, zero_point, qmin, qmax, ch_axis)
         inv_s = 1.0 / s
-        out = _rounded(x, inv_s, z).clamp_(qmin, qmax)  # one allocation, then in place
-        if z is not None:
-            out.sub_(z)
-        out.mul_(s)
+        out = _quantized(x, s, inv_s, z, qmin, qmax)
         # Only tensors that stay alive anyway are saved: x (its producer or the caller keeps it) and out (the
         # conv/linear/matmul that consumes it saves it for its own backward), so quantizers add no activation
         # memory; the mask is recomputed in backward (two elementwise passes).
@@ -92,6 +87,54 @@ class _FakeQuantize(torch.autograd.Function):
             outside = per_step.sum(grad) - per_step.sum(grad_x)
             grad_zero_point = -outside * s.reshape(-1) * ctx.grad_factor
         return grad_x, grad_scale, grad_zero_point, None, None, None, None
+
+
+def _applied_grid(x, scale, zero_point, qmin, qmax, ch_axis):
+    """The step clamped to ≥ MIN_STEP and the offset rounded into the range, shaped to broadcast against x."""
+    shape = _broadcast_shape(x, ch_axis)
+    s = scale.detach().clamp(min=MIN_STEP).reshape(shape).to(x.dtype)
+    z = None
+    if zero_point is not None:
+        z = zero_point.detach().round().clamp(qmin, qmax).reshape(shape).to(x.dtype)
+    return s, z
+
+
+def _quantized(x, s, inv_s, z, qmin, qmax):
+    """(clamp(round(x/s) + z, Qn, Qp) − z)·s, in one new tensor."""
+    out = _rounded(x, inv_s, z).clamp_(qmin, qmax)
+    if z is not None:
+        out.sub_(z)
+    return out.mul_(s)
+
+
+class _FakeQuantizeCompiledCPU(torch.autograd.Function):
+    """What ``torch.compile`` traces on CPU where the C kernel applies: the forward as tensor ops (inductor fuses
+    them with the batch norm before and the conv after), the backward as the C kernel's single pass, an opaque op.
+    Inductor's own backward reads x, the output and the gradient in a reduction loop, then x and the gradient
+    again, and about 3x slower per quantizer on CPU (``benchmarks/overhead.py``). A fused activation's clamp is
+    applied inside, so the saved tensor is its input, as the eager kernel's."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, ch_axis, grad_factor, input_range):
+        s, z = _applied_grid(x, scale, zero_point, qmin, qmax, ch_axis)
+        out = _quantized(clamp_input(x, input_range), s, 1.0 / s, z, qmin, qmax)
+        ctx.save_for_backward(x, s, z)
+        ctx.numbers = (qmin, qmax, grad_factor, *(input_range or (-math.inf, math.inf)))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, s, z = ctx.saved_tensors
+        offset = None if z is None else z.reshape(-1)
+        grad_x, grad_scale, grad_offset = torch.ops.fxquant.fake_quantize_backward(
+            grad, x, s.reshape(-1), offset, *ctx.numbers
+        )
+        return (
+            grad_x if ctx.needs_input_grad[0] else None,
+            grad_scale if ctx.needs_input_grad[1] else None,
+            grad_offset if z is not None and ctx.needs_input_grad[2] else None,
+            None, None, None, None, None,
+        )  # fmt: skip
 
 
 class _FakeQuantizePerTensorCPU(torch.autograd.Function):
@@ -132,6 +175,85 @@ class _FakeQuantizePerTensorCPU(torch.autograd.Function):
             outside = grad.sum() - grad_x.sum()
             grad_zero_point = (outside * (-s * grad_factor)).reshape(ctx.scale_shape)
         return grad_x, grad_scale, grad_zero_point, None, None, None, None, None
+
+
+def _native_backward_applies(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, ch_axis: int | None) -> bool:
+    """Whether a compiled CPU backward can call the C kernel: float32, per tensor (any offset) or per row along axis
+    0 without offsets, and the library built (decided once, when the graph is traced)."""
+    if not (x.is_cpu and x.dtype == torch.float32 and s.dtype == torch.float32 and x.dim() > 0):
+        return False
+    if not (ch_axis is None or (ch_axis == 0 and z is None)):
+        return False
+    return _native_library_loaded()
+
+
+@torch.compiler.assume_constant_result  # read once while tracing; the compiler does not trace into the build
+def _native_library_loaded() -> bool:
+    return native_library() is not None
+
+
+@torch.library.custom_op("fxquant::fake_quantize_backward", mutates_args=(), device_types="cpu")
+def _native_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    qmin: int,
+    qmax: int,
+    grad_factor: float,
+    input_low: float,
+    input_high: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_scale, grad_offset) of ``fake_quantize(x, ..., input_range=(input_low, input_high))`` by the C
+    kernel; ``scale`` holds one step per row of x (one for the whole tensor), ``zero_point`` one offset or None
+    (grad_offset is then zeros)."""
+    grad, x, scale = grad.contiguous(), x.contiguous(), scale.contiguous()
+    input_range = None if (input_low, input_high) == (-math.inf, math.inf) else (input_low, input_high)
+    grid = native_grid(zero_point, qmin, qmax, grad_factor, input_range)
+    lib = native_library()
+    if grid is None or lib is None:  # a diverged offset, or the kernel switched off since tracing: the tensor path
+        return _tensor_backward(grad, x, scale, zero_point, qmin, qmax, grad_factor, input_range)
+    rows = scale.numel()
+    grad_x = torch.empty_like(x)
+    grad_scale, grad_offset = torch.zeros_like(scale), torch.zeros_like(scale)
+    if x.numel() > 0:
+        status = lib.fxq_backward(
+            grad.data_ptr(), x.data_ptr(), grad_x.data_ptr(), rows, x.numel() // rows, scale.data_ptr(),
+            grid.min_step, grid.low, grid.high, grid.below, grid.above, grid.input_low, grid.input_high,
+            grid.grad_factor, grad_scale.data_ptr(), None if zero_point is None else grad_offset.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError(f"fxquant's native kernel could not allocate sums for {rows} rows")
+    return grad_x, grad_scale, grad_offset
+
+
+@_native_backward.register_fake
+def _(grad, x, scale, zero_point, qmin, qmax, grad_factor, input_low, input_high):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(scale), torch.empty_like(scale)
+
+
+def _tensor_backward(grad, x, scale, zero_point, qmin, qmax, grad_factor, input_range):
+    """The op's gradients from tensor formulas (what it falls back to; an op runs below autograd, so not by
+    autograd): the LSQ/LSQ+ gradients of the module docstring, over the clamped input."""
+    rows = scale.numel()
+    shape = [rows] + [1] * (x.dim() - 1)
+    s = scale.clamp(min=MIN_STEP).reshape(shape)
+    inv_s = 1.0 / s
+    z = None if zero_point is None else zero_point.round().clamp(qmin, qmax).reshape(shape)
+    xc = clamp_input(x, input_range)
+    r = _rounded(xc, inv_s, z)
+    inside = (r >= qmin) & (r <= qmax)
+    grad_q = torch.where(inside, grad, 0.0)
+    grad_x = grad_q if input_range is None else torch.where((x > input_range[0]) & (x < input_range[1]), grad_q, 0.0)
+    levels = r.clamp(qmin, qmax) if z is None else r.clamp(qmin, qmax) - z
+    per_row = (grad * levels - grad_q * xc * inv_s).reshape(rows, -1).sum(1)
+    grad_scale = (per_row * grad_factor).reshape(scale.shape)
+    grad_offset = torch.zeros_like(scale)
+    if z is not None:
+        outside = (grad - grad_q).reshape(rows, -1).sum(1)
+        grad_offset = (-outside * s.reshape(-1) * grad_factor).reshape(scale.shape)
+    return grad_x, grad_scale, grad_offset
 
 
 def _hardtanh_backward_into(
@@ -192,10 +314,12 @@ def fake_quantize(
     """
     if x.is_cpu and x.dtype == torch.float32 and not torch.compiler.is_compiling():
         return _fake_quantize_cpu(x, scale, zero_point, qmin, qmax, ch_axis, grad_factor, input_range)
+    if _native_backward_applies(x, scale, zero_point, ch_axis):
+        return _FakeQuantizeCompiledCPU.apply(x, scale, zero_point, qmin, qmax, ch_axis, grad_factor, input_range)
     x = clamp_input(x, input_range)
-    # Compiled (any device): the tensor kernel, which inductor fuses with its neighbours. The fused C kernel as an
-    # opaque custom op was measured too: mobilenet_v2 went from 1.91 to 1.51 of compiled FP but resnet18 from 1.14
-    # to 1.23, since the op cuts the fusions that make compiled FP fast.
+    # Compiled elsewhere (other devices, layouts, dtypes): the tensor kernel, forward and backward traced and fused.
+    # (The C kernel as an opaque op in the forward too was measured: it cut the forward fusions that make compiled
+    # FP fast, resnet18 1.14 -> 1.23 of compiled FP.)
     return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, ch_axis, grad_factor)
 
 
