@@ -18,6 +18,7 @@ QUICK_FEATURES = "--quick --qat-epochs 1"
 COMMANDS = [
     "prepare.py",
     "overhead.py",
+    "compiled_backward.py",
     "accuracy.py --quick",
     f"accuracy.py {QUICK_FEATURES} --recipes features_short --tag features",
     f"accuracy.py {QUICK_FEATURES} --recipes lsq_w2a2,fpq_w2a2,mec_w2a2 --seeds 1,2 --fp-seed 0 "
