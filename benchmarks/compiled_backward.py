@@ -19,11 +19,9 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-import fxquant
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, write_results
-from overhead import MODELS, _batch, _Stepper
+from overhead import MODELS, _Stepper, fp_and_w4a4
 
 VARIANTS = (
     ("FP32 compiled", False, {}),
@@ -41,12 +39,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.models.split(","):
-        bench = MODELS[name]
-        x, y, _ = _batch(bench.shape, bench.data)
-        torch.manual_seed(0)
-        model = bench.build()
-        qmodel = fxquant.prepare_qat(model, "lsq_w4a4", x[:1])
-        fxquant.calibrate(qmodel, x)
+        model, qmodel, x, y = fp_and_w4a4(name)
         steppers = {}
         for label, quantized, environment in VARIANTS:
             source = copy.deepcopy(qmodel if quantized else model)

@@ -291,14 +291,20 @@ def verdicts(rows: list[dict]) -> list[str]:
     return lines
 
 
-def profile_table(name: str, steps: int = 3) -> str:
-    """torch.profiler's per-op self-CPU table of the eager W4A4 step next to the FP step's, top ops."""
+def fp_and_w4a4(name: str) -> tuple[nn.Module, fxquant.QATModel, torch.Tensor, torch.Tensor]:
+    """Benchmark model ``name`` (seed 0), its calibrated lsq_w4a4 twin, and the batch both step on."""
     bench = MODELS[name]
     x, y, _ = _batch(bench.shape, bench.data)
     torch.manual_seed(0)
     model = bench.build()
     qmodel = fxquant.prepare_qat(model, "lsq_w4a4", x[:1])
     fxquant.calibrate(qmodel, x)
+    return model, qmodel, x, y
+
+
+def profile_table(name: str, steps: int = 3) -> str:
+    """torch.profiler's per-op self-CPU table of the eager W4A4 step next to the FP step's, top ops."""
+    model, qmodel, x, y = fp_and_w4a4(name)
     tables = []
     for label, m in (("FP32", model), ("fxquant W4A4", qmodel)):
         stepper = _Stepper(m, x, y, {})
