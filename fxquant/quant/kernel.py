@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from fxquant.quant.grid import MIN_STEP, MIN_STEP_F32
 from fxquant.quant.grid import exclusive_bounds as _exclusive_bounds
 from fxquant.quant.native_build import native_library
-from fxquant.quant.native_kernel import NativeFakeQuantize, native_grid
+from fxquant.quant.native_kernel import NativeFakeQuantize, native_backward, native_grid
 
 _hardtanh_backward = torch.ops.aten.hardtanh_backward
 
@@ -111,8 +111,8 @@ class _FakeQuantizeCompiledCPU(torch.autograd.Function):
     """What ``torch.compile`` traces on CPU where the C kernel applies: the forward as tensor ops (inductor fuses
     them with the batch norm before and the conv after), the backward as the C kernel's single pass, an opaque op.
     Inductor's own backward reads x, the output and the gradient in a reduction loop, then x and the gradient
-    again, and about 3x slower per quantizer on CPU (``benchmarks/overhead.py``). A fused activation's clamp is
-    applied inside, so the saved tensor is its input, as the eager kernel's."""
+    again, and is slower (``benchmarks/compiled_backward.py``: mobilenet_v2 1.77 against 1.31 of compiled FP). A
+    fused activation's clamp is applied inside, so the saved tensor is its input, as the eager kernel's."""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, ch_axis, grad_factor, input_range):
@@ -180,9 +180,7 @@ class _FakeQuantizePerTensorCPU(torch.autograd.Function):
 def _native_backward_applies(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, ch_axis: int | None) -> bool:
     """Whether a compiled CPU backward can call the C kernel: float32, per tensor (any offset) or per row along axis
     0 without offsets, and the library built (decided once, when the graph is traced)."""
-    if not (x.is_cpu and x.dtype == torch.float32 and s.dtype == torch.float32 and x.dim() > 0):
-        return False
-    if not (ch_axis is None or (ch_axis == 0 and z is None)):
+    if not (x.is_cpu and x.dtype == torch.float32 and x.dim() > 0 and _native_applies(s, z, ch_axis)):
         return False
     return _native_library_loaded()
 
@@ -207,25 +205,16 @@ def _native_backward(
     """(grad_x, grad_scale, grad_offset) of ``fake_quantize(x, ..., input_range=(input_low, input_high))`` by the C
     kernel; ``scale`` holds one step per row of x (one for the whole tensor), ``zero_point`` one offset or None
     (grad_offset is then zeros)."""
-    grad, x, scale = grad.contiguous(), x.contiguous(), scale.contiguous()
+    x, scale = x.contiguous(), scale.contiguous()
     input_range = None if (input_low, input_high) == (-math.inf, math.inf) else (input_low, input_high)
     grid = native_grid(zero_point, qmin, qmax, grad_factor, input_range)
     lib = native_library()
     if grid is None or lib is None:  # a diverged offset, or the kernel switched off since tracing: the tensor path
         return _tensor_backward(grad, x, scale, zero_point, qmin, qmax, grad_factor, input_range)
-    rows = scale.numel()
-    grad_x = torch.empty_like(x)
-    grad_scale, grad_offset = torch.zeros_like(scale), torch.zeros_like(scale)
-    if x.numel() > 0:
-        status = lib.fxq_backward(
-            grad.data_ptr(), x.data_ptr(), grad_x.data_ptr(), rows, x.numel() // rows, scale.data_ptr(),
-            grid.min_step, grid.low, grid.high, grid.below, grid.above, grid.input_low, grid.input_high,
-            grid.grad_factor, grad_scale.data_ptr(), None if zero_point is None else grad_offset.data_ptr(),
-            torch.get_num_threads(),
-        )  # fmt: skip
-        if status != 0:
-            raise MemoryError(f"fxquant's native kernel could not allocate sums for {rows} rows")
-    return grad_x, grad_scale, grad_offset
+    if x.numel() == 0:
+        return torch.zeros_like(x), torch.zeros_like(scale), torch.zeros_like(scale)
+    grad_x, grad_scale, grad_offset = native_backward(lib, grid, grad, x, scale, True, zero_point is not None)
+    return grad_x, grad_scale, torch.zeros_like(scale) if grad_offset is None else grad_offset
 
 
 @_native_backward.register_fake

@@ -95,21 +95,42 @@ class NativeFakeQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, scale = ctx.saved_tensors
-        grid: RowGrid = ctx.grid
-        rows = scale.numel()
-        grad = grad.contiguous()
-        grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
-        grad_scale = torch.empty_like(scale) if ctx.needs_input_grad[1] else None
-        grad_offset = torch.empty_like(scale) if ctx.has_offset and ctx.needs_input_grad[2] else None
-        status = ctx.lib.fxq_backward(
-            grad.data_ptr(), x.data_ptr(), grad_x.data_ptr(), rows, x.numel() // rows, scale.data_ptr(),
-            grid.min_step, grid.low, grid.high, grid.below, grid.above, grid.input_low, grid.input_high,
-            grid.grad_factor,
-            None if grad_scale is None else grad_scale.data_ptr(),
-            None if grad_offset is None else grad_offset.data_ptr(),
-            _threads(),
-        )  # fmt: skip
-        if status != 0:
-            raise MemoryError(f"fxquant's native kernel could not allocate sums for {rows} rows")
+        grad_x, grad_scale, grad_offset = native_backward(
+            ctx.lib, ctx.grid, grad, x, scale, ctx.needs_input_grad[1], ctx.has_offset and ctx.needs_input_grad[2]
+        )
         grad_input = grad_x if ctx.needs_input_grad[0] else None
         return grad_input, grad_scale, grad_offset, None, None
+
+
+def native_backward(
+    lib: ctypes.CDLL,
+    grid: RowGrid,
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    want_scale: bool,
+    want_offset: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(grad_x, grad_scale, grad_offset) by the C kernel's backward pass over contiguous float32 ``x`` and
+    ``scale`` (one step per row); a gradient not wanted is None and not summed.
+
+    Example usage::
+
+        grad_x, grad_scale, _ = native_backward(lib, native_grid(None, 0, 15, 0.01), grad, x, scale, True, False)
+    """
+    rows = scale.numel()
+    grad = grad.contiguous()
+    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+    grad_scale = torch.empty_like(scale) if want_scale else None
+    grad_offset = torch.empty_like(scale) if want_offset else None
+    status = lib.fxq_backward(
+        grad.data_ptr(), x.data_ptr(), grad_x.data_ptr(), rows, x.numel() // rows, scale.data_ptr(),
+        grid.min_step, grid.low, grid.high, grid.below, grid.above, grid.input_low, grid.input_high,
+        grid.grad_factor,
+        None if grad_scale is None else grad_scale.data_ptr(),
+        None if grad_offset is None else grad_offset.data_ptr(),
+        _threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError(f"fxquant's native kernel could not allocate sums for {rows} rows")
+    return grad_x, grad_scale, grad_offset
