@@ -295,3 +295,62 @@ def test_the_compiled_backward_op_falls_back_to_the_tensor_kernel_with_the_same_
     torch.testing.assert_close(native[1], fallback[1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(native[2], fallback[2], rtol=1e-5, atol=1e-6)
     assert with_offset or torch.equal(native[2], torch.zeros(1))
+
+
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+@needs_native
+@settings(max_examples=30, deadline=None)
+@given(
+    dims=st.sampled_from([4, 5]),
+    per_channel=st.booleans(),
+    with_offset=st.booleans(),
+    sizes=st.lists(st.integers(1, 5), min_size=5, max_size=5),
+    seed=st.integers(0, 2**16),
+)
+def test_channels_last_tensors_run_the_native_kernel_in_place_with_the_same_result(
+    dims, per_channel, with_offset, sizes, seed
+):
+    """A channels-last activation or weight (dim 0 still outermost) is quantized where it lies: no copy, the
+    output keeps x's strides, and values and gradients equal the torch-ops kernel's."""
+    torch.manual_seed(seed)
+    x = (torch.randn(sizes[:dims]) * 3).contiguous(memory_format=CHANNELS_LAST[dims])
+    rows = x.shape[0] if per_channel else 1
+    scale = torch.rand(rows) * 0.3 + 0.05
+    offset = torch.tensor([3.0]) if with_offset and not per_channel else None
+    ch_axis = 0 if per_channel else None
+    assert uses_native(x, scale, offset, -8, 7, ch_axis)
+    upstream = torch.randn_like(x)
+    native = run(fake_quantize, x, scale, offset, -8, 7, ch_axis, upstream)
+    assert native[0].stride() == x.stride() and native[1].stride() == x.stride()
+    reference = run(general, x, scale, offset, -8, 7, ch_axis, upstream)
+    assert_same(native, reference, magnitude_of(x, scale, upstream, -8, 7, ch_axis))
+
+
+LAYOUTS = {
+    "contiguous": lambda t: t.contiguous(),
+    "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+    "strided": lambda t: t.transpose(1, 3).contiguous().transpose(1, 3),  # dense, but in no format the kernel runs
+}
+
+
+@needs_native
+@pytest.mark.parametrize("x_layout", list(LAYOUTS))
+@pytest.mark.parametrize("grad_layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("rows", [1, 4])
+def test_the_compiled_backward_op_takes_any_layout_and_returns_the_fake_kernels_strides(x_layout, grad_layout, rows):
+    """fxquant::fake_quantize_backward is tagged flexible_layout, so inductor hands it channels-last tensors as
+    they are: the gradients equal those over contiguous copies, and grad_x has the strides the fake kernel
+    promised (torch.library.opcheck compares fake and real outputs)."""
+    torch.manual_seed(rows)
+    x, grad = torch.randn(4, 6, 5, 3) * 3, torch.randn(4, 6, 5, 3)
+    scale = torch.rand(rows) * 0.3 + 0.05
+    op = torch.ops.fxquant.fake_quantize_backward
+    args = (LAYOUTS[grad_layout](grad), LAYOUTS[x_layout](x), scale, None, -8, 7, 0.1, 0.0, 6.0)
+    result = op(*args)
+    reference = op(grad, x, scale, None, -8, 7, 0.1, 0.0, 6.0)
+    assert torch.equal(result[0], reference[0])
+    assert result[0].stride() == torch.empty_like(args[1]).stride()
+    torch.testing.assert_close(result[1], reference[1], rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))

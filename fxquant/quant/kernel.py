@@ -17,12 +17,13 @@ The zero point is rounded and clamped into the range in the forward pass, as tor
 Three implementations with identical values and input gradients (``tests/test_fake_quant.py`` and
 ``tests/test_native_kernel.py`` check them against each other, exact ties included): :class:`_FakeQuantize`,
 with the step and offset as tensors (per channel, any device, and what ``torch.compile`` traces and fuses into
-its neighbours); in eager mode on CPU, for contiguous float32 tensors per tensor or per output channel, the fused
-C kernel of :mod:`fxquant.quant.native_kernel` (one pass forward, one backward; compiled on first use, see
-:mod:`fxquant.quant.native_build`); and, where that kernel is unavailable, for one float32 step on CPU,
+its neighbours); in eager mode on CPU, for float32 tensors (contiguous or channels-last) per tensor or per output
+channel, the fused C kernel of :mod:`fxquant.quant.native_kernel` (one pass forward, one backward; compiled on
+first use, see :mod:`fxquant.quant.native_build`); and, where that kernel is unavailable, for one float32 step on CPU,
 :class:`_FakeQuantizePerTensorCPU`, which reads the step as a Python number and makes fewer passes than the
 general kernel. Compiled on CPU where the C kernel applies, :class:`_FakeQuantizeCompiledCPU` keeps the forward
-as traced tensor ops and runs the C kernel's backward as the opaque op ``fxquant::fake_quantize_backward``.
+as traced tensor ops and runs the C kernel's backward as the opaque op ``fxquant::fake_quantize_backward``, in
+whatever layout inductor chose for the activations (no copy to the traced strides).
 ``fake_quantize`` picks one.
 """
 
@@ -36,7 +37,12 @@ import torch.nn.functional as F
 from fxquant.quant.grid import MIN_STEP, MIN_STEP_F32
 from fxquant.quant.grid import exclusive_bounds as _exclusive_bounds
 from fxquant.quant.native_build import native_library
-from fxquant.quant.native_kernel import NativeFakeQuantize, native_backward, native_grid
+from fxquant.quant.native_kernel import (
+    NativeFakeQuantize,
+    native_backward,
+    native_grid,
+    native_layout_applies,
+)
 
 _hardtanh_backward = torch.ops.aten.hardtanh_backward
 
@@ -190,7 +196,11 @@ def _native_library_loaded() -> bool:
     return native_library() is not None
 
 
-@torch.library.custom_op("fxquant::fake_quantize_backward", mutates_args=(), device_types="cpu")
+# flexible_layout: inductor passes the tensors in the layout it chose (channels-last activations in a compiled CNN)
+# instead of copying them to the strides seen while tracing; the op handles any layout and returns grad_x with x's.
+@torch.library.custom_op(
+    "fxquant::fake_quantize_backward", mutates_args=(), device_types="cpu", tags=(torch.Tag.flexible_layout,)
+)
 def _native_backward(
     grad: torch.Tensor,
     x: torch.Tensor,
@@ -204,22 +214,37 @@ def _native_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_scale, grad_offset) of ``fake_quantize(x, ..., input_range=(input_low, input_high))`` by the C
     kernel; ``scale`` holds one step per row of x (one for the whole tensor), ``zero_point`` one offset or None
-    (grad_offset is then zeros)."""
-    x, scale = x.contiguous(), scale.contiguous()
+    (grad_offset is then zeros). grad_x has the strides of ``torch.empty_like(x)``, as the fake kernel says."""
+    scale = scale.contiguous()
     input_range = None if (input_low, input_high) == (-math.inf, math.inf) else (input_low, input_high)
     grid = native_grid(zero_point, qmin, qmax, grad_factor, input_range)
     lib = native_library()
-    if grid is None or lib is None:  # a diverged offset, or the kernel switched off since tracing: the tensor path
-        return _tensor_backward(grad, x, scale, zero_point, qmin, qmax, grad_factor, input_range)
     if x.numel() == 0:
         return torch.zeros_like(x), torch.zeros_like(scale), torch.zeros_like(scale)
-    grad_x, grad_scale, grad_offset = native_backward(lib, grid, grad, x, scale, True, zero_point is not None)
+    if grid is None or lib is None:  # a diverged offset, or the kernel switched off since tracing: the tensor path
+        grad_x, grad_scale, grad_offset = _tensor_backward(
+            grad, x, scale, zero_point, qmin, qmax, grad_factor, input_range
+        )
+        return _in_layout_of(x, grad_x), grad_scale, grad_offset
+    if native_layout_applies(x):
+        grad_x, grad_scale, grad_offset = native_backward(lib, grid, grad, x, scale, True, zero_point is not None)
+    else:  # strided: a contiguous copy
+        grad_x, grad_scale, grad_offset = native_backward(
+            lib, grid, grad, x.contiguous(), scale, True, zero_point is not None
+        )
+        grad_x = _in_layout_of(x, grad_x)
     return grad_x, grad_scale, torch.zeros_like(scale) if grad_offset is None else grad_offset
 
 
 @_native_backward.register_fake
 def _(grad, x, scale, zero_point, qmin, qmax, grad_factor, input_low, input_high):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(scale), torch.empty_like(scale)
+    return torch.empty_like(x), torch.empty_like(scale), torch.empty_like(scale)
+
+
+def _in_layout_of(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (x's shape) with the strides of ``torch.empty_like(x)``: what the op's fake kernel promised."""
+    out = torch.empty_like(x)
+    return t if out.stride() == t.stride() else out.copy_(t)
 
 
 def _tensor_backward(grad, x, scale, zero_point, qmin, qmax, grad_factor, input_range):
@@ -337,7 +362,8 @@ def _fake_quantize_cpu(x, scale, zero_point, qmin, qmax, ch_axis, grad_factor, i
     """Eager float32 on CPU: the fused native kernel where it applies, else the per-tensor number kernel, else
     the general one (those two after the input clamp, as a separate op)."""
     lib = None
-    if x.is_contiguous() and x.numel() > 0 and scale.is_contiguous() and _native_applies(scale, zero_point, ch_axis):
+    applies = x.numel() > 0 and scale.is_contiguous() and _native_applies(scale, zero_point, ch_axis)
+    if applies and native_layout_applies(x):
         lib = native_library()
     if lib is not None and scale.numel() == (1 if ch_axis is None else x.shape[0]):
         grid = native_grid(zero_point, qmin, qmax, grad_factor, input_range)

@@ -1,7 +1,8 @@
 """The fused CPU fake-quant kernel as an autograd function: one pass forward, one backward.
 
-:func:`fxquant.quant.kernel.fake_quantize` calls it in eager mode for contiguous float32 CPU tensors, per tensor
-(any offset) or per row (a step per output channel or weight group, no offset), when the library from
+:func:`fxquant.quant.kernel.fake_quantize` calls it in eager mode for float32 CPU tensors, contiguous or
+channels-last (the pass runs over memory in storage order, and dim 0 is outermost in both), per tensor (any offset)
+or per row (a step per output channel or weight group, no offset), when the library from
 :mod:`fxquant.quant.native_build` is available. The values and the input gradient are bit for bit those of the
 torch-ops kernels in ``kernel.py``; the step and offset gradients are the same sums, accumulated in another order
 (in double across blocks), so they agree to rounding (``tests/test_native_kernel.py`` checks both).
@@ -69,19 +70,44 @@ def _row_grid(low: int, high: int, grad_factor: float, input_range: tuple[float,
     return RowGrid(low, high, *exclusive_bounds(low, high), MIN_STEP_F32, grad_factor, input_low, input_high)
 
 
+def dense_format(t: torch.Tensor) -> torch.memory_format | None:
+    """The memory format in which ``t`` is dense (contiguous, or channels-last for a 4-d or 5-d tensor), or None.
+
+    Two dense tensors of one shape and format hold their elements in the same storage order, so a per-tensor pass
+    can run over their storage as flat arrays (a compiled CNN keeps activations channels-last).
+
+    Example usage::
+
+        dense_format(torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last))  # torch.channels_last
+    """
+    if t.is_contiguous():
+        return torch.contiguous_format
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return None
+
+
+def native_layout_applies(x: torch.Tensor) -> bool:
+    """Whether the C kernel can run over ``x`` where it lies in memory: dense in a format whose outermost dimension
+    is the first (contiguous, channels-last), so each row along dim 0 — a per-row step's extent — is one block."""
+    return dense_format(x) is not None
+
+
 def _threads() -> int:
     return torch.get_num_threads()
 
 
 class NativeFakeQuantize(torch.autograd.Function):
-    """y = fake_quantize(clamp(x)) over the rows of a contiguous float32 x, one step per row (``scale``: contiguous
-    float32, one value per row; ``zero_point``: None, or one offset already folded into the grid's range);
-    LSQ/LSQ+ gradients."""
+    """y = fake_quantize(clamp(x)) over the rows of a float32 x laid out as :func:`native_layout_applies` asks, one
+    step per row (``scale``: contiguous float32, one value per row; ``zero_point``: None, or one offset already
+    folded into the grid's range); LSQ/LSQ+ gradients. y has x's strides."""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, grid: RowGrid, lib: ctypes.CDLL):
         rows = scale.numel()
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        out = torch.empty_like(x)  # x is dense: the same strides, so the same storage order
         lib.fxq_forward(
             x.data_ptr(), out.data_ptr(), rows, x.numel() // rows, scale.data_ptr(), grid.min_step,
             grid.low, grid.high, grid.input_low, grid.input_high, _threads(),
@@ -111,16 +137,17 @@ def native_backward(
     want_scale: bool,
     want_offset: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(grad_x, grad_scale, grad_offset) by the C kernel's backward pass over contiguous float32 ``x`` and
-    ``scale`` (one step per row); a gradient not wanted is None and not summed.
+    """(grad_x, grad_scale, grad_offset) by the C kernel's backward pass over float32 ``x`` laid out as
+    :func:`native_layout_applies` asks and a contiguous ``scale`` (one step per row); ``grad`` is brought to x's
+    layout and grad_x has x's strides; a gradient not wanted is None and not summed.
 
     Example usage::
 
         grad_x, grad_scale, _ = native_backward(lib, native_grid(None, 0, 15, 0.01), grad, x, scale, True, False)
     """
     rows = scale.numel()
-    grad = grad.contiguous()
-    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+    grad = grad.contiguous(memory_format=dense_format(x))
+    grad_x = torch.empty_like(x)
     grad_scale = torch.empty_like(scale) if want_scale else None
     grad_offset = torch.empty_like(scale) if want_offset else None
     status = lib.fxq_backward(
