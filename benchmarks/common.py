@@ -1,7 +1,7 @@
 """What every benchmark shares: the presets and the quick setup, the cached FP checkpoints, recipe overrides
 from the command line, and the results writer (a Markdown table with its command at the top, plus JSON).
 
-Benchmarks import this module, never each other.
+Benchmarks import this module and the shared helpers (``train_steps``, ``peers``, ``baselines``), never each other.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, write_results
-from overhead import MODELS, _Stepper, fp_and_w4a4
+from train_steps import MODELS, TimedStep, fp_and_w4a4, use_a_fresh_compile_cache
 
 VARIANTS = (
     ("FP32 compiled", False, {}),
@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    use_a_fresh_compile_cache()
     rows = []
     for name in args.models.split(","):
         model, qmodel, x, y = fp_and_w4a4(name)
@@ -44,7 +45,7 @@ def main() -> None:
         for label, quantized, environment in VARIANTS:
             source = copy.deepcopy(qmodel if quantized else model)
             # the environment is set during each step, so also while the first step traces and compiles
-            steppers[label] = _Stepper(torch.compile(source), x, y, environment)
+            steppers[label] = TimedStep(torch.compile(source), x, y, environment)
         for stepper in steppers.values():  # compile, then warm up
             for _ in range(4):
                 stepper()

@@ -20,8 +20,6 @@ Writes benchmarks/results/overhead.md and overhead.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import statistics
 import sys
 import time
@@ -30,73 +28,16 @@ from dataclasses import dataclass, field
 
 import peers
 import torch
-import torchvision
 from baselines import ao_prepare_qat_fx, ao_start_learning
 from common import write_results
 from tabulate import tabulate
 from torch import nn
+from train_steps import MODELS, Bench, TimedStep, batch_of, environment, fp_and_w4a4, use_a_fresh_compile_cache
 
 import fxquant
 
 WARMUP_STEPS = 5
-CNN_GOAL, LINEAR_GOAL = 1.15, 1.5
 TORCH_OPS_LABEL = "fxquant W4A4, torch-ops kernel"  # W4A4 step / FP step, eager vs eager and compiled vs compiled
-
-
-class MLP(nn.Module):
-    """The 4-layer MLP of the speed goal: 784 → 1024 → 1024 → 1024 → 10 with ReLUs. (A module with its own
-    forward, not a bare nn.Sequential: NNCF adds a child to the model it quantizes, which a Sequential would call.)
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(784, 1024),
-            nn.ReLU(),
-            nn.Linear(1024, 1024),
-            nn.ReLU(),
-            nn.Linear(1024, 1024),
-            nn.ReLU(),
-            nn.Linear(1024, 10),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
-
-
-@dataclass(frozen=True)
-class Bench:
-    build: Callable[[], nn.Module]
-    shape: tuple[int, ...]
-    data: str  # "random" or "fashion-mnist"
-    goal: float
-    has_linear_layers: bool = False  # torchao's QAT rewrites nn.Linear only: measured where most of the work is Linear
-
-
-MODELS = {
-    "resnet18": Bench(
-        lambda: torchvision.models.resnet18(weights=None, num_classes=10), (32, 3, 64, 64), "random", CNN_GOAL
-    ),
-    "mobilenet_v2": Bench(
-        lambda: torchvision.models.mobilenet_v2(weights=None, num_classes=10), (32, 3, 64, 64), "random", CNN_GOAL
-    ),
-    "resnet20": Bench(fxquant.models.resnet20, (128, 1, 28, 28), "fashion-mnist", CNN_GOAL),
-    "mlp": Bench(MLP, (128, 1, 28, 28), "fashion-mnist", LINEAR_GOAL, has_linear_layers=True),
-    "vit_tiny": Bench(fxquant.models.vit_tiny, (128, 1, 28, 28), "fashion-mnist", LINEAR_GOAL, has_linear_layers=True),
-}
-
-
-def _batch(shape: tuple[int, ...], source: str) -> tuple[torch.Tensor, torch.Tensor, str]:
-    if source == "fashion-mnist":
-        try:
-            data = fxquant.data.fashion_mnist("train", limit=shape[0])
-            x, y = next(iter(torch.utils.data.DataLoader(data, batch_size=shape[0])))
-            return x, y, "Fashion-MNIST batch"
-        except fxquant.data.DataNotFoundError:
-            pass
-    torch.manual_seed(0)
-    return torch.randn(shape), torch.randint(0, 10, (shape[0],)), "random batch"
 
 
 # lsq_w4a4 with the network input's 8-bit range observed instead of learned: no gradient is needed at the first
@@ -160,41 +101,6 @@ def _variants(bench: Bench, x: torch.Tensor, compile_too: bool, with_peers: bool
     return variants, missing
 
 
-class _Stepper:
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, environment: dict[str, str]):
-        self.model, self.x, self.y = model.train(), x, y
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        self.environment = environment
-
-    def __call__(self) -> float:
-        with _environment(self.environment):
-            return self._step()
-
-    def _step(self) -> float:
-        start = time.perf_counter()
-        loss = nn.functional.cross_entropy(self.model(self.x), self.y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        if isinstance(getattr(self.model, "_orig_mod", self.model), fxquant.QATModel):
-            fxquant.quant.clamp_steps(self.model)  # what fxquant.TrainStep does after each step
-        return time.perf_counter() - start
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]):
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def _saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
     storages: dict[int, int] = {}
     params = {p.data_ptr() for p in model.parameters()}
@@ -213,9 +119,9 @@ def _saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
 
 def bench_model(name: str, steps: int, compile_too: bool, with_peers: bool) -> tuple[list[dict], list[str]]:
     bench = MODELS[name]
-    x, y, data_note = _batch(bench.shape, bench.data)
+    x, y, data_note = batch_of(bench.shape, bench.data)
     variants, missing = _variants(bench, x, compile_too, with_peers)
-    steppers = {v.label: _Stepper(v.model, x, y, v.environment) for v in variants}
+    steppers = {v.label: TimedStep(v.model, x, y, v.environment) for v in variants}
     warmup_seconds = {}
     for v in variants:
         start = time.perf_counter()
@@ -236,7 +142,7 @@ def bench_model(name: str, steps: int, compile_too: bool, with_peers: bool) -> t
     rows = []
     for v in variants:
         reference = "FP32 compiled" if v.compiled else "FP32"
-        with _environment(v.environment):
+        with environment(v.environment):
             mem = None if v.compiled else _saved_activation_bytes(v.model, x)
         rows.append(
             {
@@ -291,23 +197,12 @@ def verdicts(rows: list[dict]) -> list[str]:
     return lines
 
 
-def fp_and_w4a4(name: str) -> tuple[nn.Module, fxquant.QATModel, torch.Tensor, torch.Tensor]:
-    """Benchmark model ``name`` (seed 0), its calibrated lsq_w4a4 twin, and the batch both step on."""
-    bench = MODELS[name]
-    x, y, _ = _batch(bench.shape, bench.data)
-    torch.manual_seed(0)
-    model = bench.build()
-    qmodel = fxquant.prepare_qat(model, "lsq_w4a4", x[:1])
-    fxquant.calibrate(qmodel, x)
-    return model, qmodel, x, y
-
-
 def profile_table(name: str, steps: int = 3) -> str:
     """torch.profiler's per-op self-CPU table of the eager W4A4 step next to the FP step's, top ops."""
     model, qmodel, x, y = fp_and_w4a4(name)
     tables = []
     for label, m in (("FP32", model), ("fxquant W4A4", qmodel)):
-        stepper = _Stepper(m, x, y, {})
+        stepper = TimedStep(m, x, y, {})
         for _ in range(2):
             stepper()
         with torch.profiler.profile() as prof:
@@ -364,6 +259,7 @@ def main() -> None:
     parser.add_argument("--name", default="overhead", help="results file stem under benchmarks/results/")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    use_a_fresh_compile_cache()
     rows, missing = [], []
     for name in args.models.split(","):
         model_rows, model_missing = bench_model(name, args.steps, not args.no_compile, not args.no_peers)
