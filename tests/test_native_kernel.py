@@ -2,6 +2,7 @@
 path, itself checked against torch's fused learnable kernels in test_fake_quant.py) and against the plain formula:
 identical values and input gradients, step/offset gradients equal to rounding; its build and fallback."""
 
+import copy
 import os
 
 import pytest
@@ -354,3 +355,37 @@ def test_the_compiled_backward_op_takes_any_layout_and_returns_the_fake_kernels_
     assert result[0].stride() == torch.empty_like(args[1]).stride()
     torch.testing.assert_close(result[1], reference[1], rtol=1e-5, atol=1e-5)
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_native
+def test_a_channels_last_model_quantizes_every_tensor_with_the_native_kernel(monkeypatch):
+    """A prepared CNN moved to channels_last (weights and activations) takes the C kernel at every quantizer, as
+    in NCHW, and trains to the same loss and gradients up to the convolutions' own rounding."""
+    torch.manual_seed(0)
+    fp = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.nn.BatchNorm2d(8), torch.nn.ReLU6(),
+        torch.nn.Conv2d(8, 4, 1), torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 10),
+    )  # fmt: skip
+    x, labels = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    qmodel = fxquant.prepare_qat(fp, "lsq_w4a4", x)
+    fxquant.calibrate(qmodel, x)
+    calls = []
+    apply = kernels.NativeFakeQuantize.apply
+    monkeypatch.setattr(kernels.NativeFakeQuantize, "apply", lambda *args: calls.append(args[0].shape) or apply(*args))
+
+    def step(model, inputs):
+        calls.clear()
+        loss = torch.nn.functional.cross_entropy(model(inputs), labels)
+        loss.backward()
+        return loss.detach(), [p.grad for p in model.parameters()], len(calls)
+
+    nchw = step(copy.deepcopy(qmodel), x)
+    channels_last = step(
+        copy.deepcopy(qmodel).to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    )
+    quantizers = sum(1 for m in qmodel.modules() if type(m).__name__ == "LSQQuantizer")
+    assert nchw[2] == channels_last[2] == quantizers
+    torch.testing.assert_close(channels_last[0], nchw[0], rtol=1e-4, atol=1e-4)
+    for grad, reference in zip(channels_last[1], nchw[1], strict=True):
+        torch.testing.assert_close(grad, reference, rtol=1e-3, atol=1e-3)
