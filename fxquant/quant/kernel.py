@@ -226,12 +226,9 @@ def _native_backward(
             grad, x, scale, zero_point, qmin, qmax, grad_factor, input_range
         )
         return _in_layout_of(x, grad_x), grad_scale, grad_offset
-    if native_layout_applies(x):
-        grad_x, grad_scale, grad_offset = native_backward(lib, grid, grad, x, scale, True, zero_point is not None)
-    else:  # strided: a contiguous copy
-        grad_x, grad_scale, grad_offset = native_backward(
-            lib, grid, grad, x.contiguous(), scale, True, zero_point is not None
-        )
+    dense = x if native_layout_applies(x) else x.contiguous()  # strided: the kernel runs over a contiguous copy
+    grad_x, grad_scale, grad_offset = native_backward(lib, grid, grad, dense, scale, True, zero_point is not None)
+    if dense is not x:
         grad_x = _in_layout_of(x, grad_x)
     return grad_x, grad_scale, torch.zeros_like(scale) if grad_offset is None else grad_offset
 
@@ -251,10 +248,8 @@ def _tensor_backward(grad, x, scale, zero_point, qmin, qmax, grad_factor, input_
     """The op's gradients from tensor formulas (what it falls back to; an op runs below autograd, so not by
     autograd): the LSQ/LSQ+ gradients of the module docstring, over the clamped input."""
     rows = scale.numel()
-    shape = [rows] + [1] * (x.dim() - 1)
-    s = scale.clamp(min=MIN_STEP).reshape(shape)
+    s, z = _applied_grid(x, scale, zero_point, qmin, qmax, 0)  # one step per row along axis 0 (or one in all)
     inv_s = 1.0 / s
-    z = None if zero_point is None else zero_point.round().clamp(qmin, qmax).reshape(shape)
     xc = clamp_input(x, input_range)
     r = _rounded(xc, inv_s, z)
     inside = (r >= qmin) & (r <= qmax)
