@@ -33,13 +33,15 @@ if [ -z "${FXQUANT_DATA:-}" ] && [ ! -f /usr/share/datasets/fashion-mnist/train-
     fi
 fi
 
-# A C compiler for the fused CPU fake-quant kernel (fxquant/quant/native/fake_quant.c, built on first use). Without
-# one fxquant still works, on its slower torch-ops kernel; in CI the native kernel is what is tested, so install it.
-if ! command -v "${CC:-cc}" >/dev/null; then
+# A C and a C++ compiler for the fused CPU fake-quant kernel (fxquant/quant/native/fake_quant.c) and its eager op
+# (native/fake_quant_op.cpp, compiled against torch's headers), both built on first use. Without them fxquant still
+# works: without C++ it calls the C kernel through ctypes (more time per call), without C on its slower torch-ops
+# kernel. In CI both are what is tested, so install them.
+if ! command -v "${CC:-cc}" >/dev/null || ! command -v "${CXX:-c++}" >/dev/null; then
     if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
-        echo "[setup] installing a C compiler (gcc) with apt-get, for the native fake-quant kernel"
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc
+        echo "[setup] installing C and C++ compilers (gcc, g++) with apt-get, for the native fake-quant kernel"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc g++
     else
-        echo "[setup] no C compiler: fxquant will use its slower torch-ops kernel. Install gcc for the fast one." >&2
+        echo "[setup] no C or C++ compiler: fxquant will use a slower kernel. Install gcc and g++ for the fast one." >&2
     fi
 fi

@@ -1,9 +1,18 @@
 """The fused native CPU kernel against the torch-ops kernel it replaces in eager mode (kernel.py's general tensor
 path, itself checked against torch's fused learnable kernels in test_fake_quant.py) and against the plain formula:
-identical values and input gradients, step/offset gradients equal to rounding; its build and fallback."""
+identical values and input gradients, step/offset gradients equal to rounding; its build and fallback.
 
+Eager mode reaches the C passes two ways, and the equality tests run both: the op ``fxquant::fake_quantize_eager``
+(C++ autograd node, the default) and, where that op cannot be built, the ctypes library under a Python
+autograd.Function (``FXQUANT_NATIVE_OP=0``)."""
+
+import contextlib
 import copy
+import ctypes
+import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,6 +30,26 @@ from .strategies import INPUT_SHAPE, models, recipes, rounding_ties
 needs_native = pytest.mark.skipif(
     native_build.native_library() is None, reason="no C compiler here: the torch-ops kernel is used instead"
 )
+needs_op = pytest.mark.skipif(
+    native_build.native_eager_op() is None, reason="no C++ compiler here: eager mode calls the C kernel by ctypes"
+)
+EAGER_PATHS = [pytest.param("op", marks=needs_op), "ctypes"]
+
+
+@contextlib.contextmanager
+def eager_path(path):
+    """Eager quantizers call the C passes by ``path``: "op" (fxquant::fake_quantize_eager) or "ctypes"."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FXQUANT_NATIVE_OP", "1" if path == "op" else "0")
+        yield
+
+
+def native_path(y):
+    """How the C passes made ``y``: "op", "ctypes", or None (another kernel)."""
+    name = "" if y.grad_fn is None else y.grad_fn.name()
+    if name.endswith("FakeQuantizeFunction>"):  # torch::autograd::CppNode<(anonymous namespace)::FakeQuantizeFunction>
+        return "op"
+    return "ctypes" if name == "NativeFakeQuantizeBackward" else None
 
 
 def general(x, scale, zero_point, qmin, qmax, ch_axis, grad_factor):
@@ -35,9 +64,10 @@ def run(kernel, x, scale, zero_point, qmin, qmax, ch_axis, upstream, grad_factor
     return y.detach(), xs.grad, ss.grad, None if zs is None else zs.grad
 
 
-def uses_native(x, scale, zero_point, qmin, qmax, ch_axis):
+def uses_native(x, scale, zero_point, qmin, qmax, ch_axis, path=None):
+    """Whether fake_quantize takes the C passes here (by ``path`` when given)."""
     y = fake_quantize(x.clone().requires_grad_(), scale.clone().requires_grad_(), zero_point, qmin, qmax, ch_axis)
-    return y.grad_fn is not None and type(y.grad_fn).__name__ == "NativeFakeQuantizeBackward"
+    return native_path(y) is not None if path is None else native_path(y) == path
 
 
 def assert_same(native, reference, magnitude):
@@ -58,6 +88,7 @@ def magnitude_of(x, scale, upstream, qmin, qmax, ch_axis):
 
 
 @needs_native
+@pytest.mark.parametrize("path", EAGER_PATHS)
 @settings(max_examples=60, deadline=None)
 @given(
     bits=st.integers(2, 8),
@@ -68,7 +99,7 @@ def magnitude_of(x, scale, upstream, qmin, qmax, ch_axis):
     threads=st.sampled_from([1, 2, 3]),
     seed=st.integers(0, 10_000),
 )
-def test_per_tensor_equals_the_torch_ops_kernel(bits, signed, with_offset, ties, elements, threads, seed):
+def test_per_tensor_equals_the_torch_ops_kernel(path, bits, signed, with_offset, ties, elements, threads, seed):
     torch.manual_seed(seed)
     qmin, qmax = integer_range(bits, signed)
     zero_point = torch.tensor([float(torch.randint(qmin, qmax + 1, ()))]) if with_offset else None
@@ -81,8 +112,9 @@ def test_per_tensor_equals_the_torch_ops_kernel(bits, signed, with_offset, ties,
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        assert uses_native(x, scale, zero_point, qmin, qmax, None)
-        native = run(fake_quantize, x, scale, zero_point, qmin, qmax, None, upstream)
+        with eager_path(path):
+            assert uses_native(x, scale, zero_point, qmin, qmax, None, path)
+            native = run(fake_quantize, x, scale, zero_point, qmin, qmax, None, upstream)
     finally:
         torch.set_num_threads(previous)
     reference = run(general, x, scale, zero_point, qmin, qmax, None, upstream)
@@ -95,6 +127,7 @@ def test_per_tensor_equals_the_torch_ops_kernel(bits, signed, with_offset, ties,
 
 
 @needs_native
+@pytest.mark.parametrize("path", EAGER_PATHS)
 @settings(max_examples=40, deadline=None)
 @given(
     bits=st.integers(2, 8),
@@ -103,7 +136,7 @@ def test_per_tensor_equals_the_torch_ops_kernel(bits, signed, with_offset, ties,
     threads=st.sampled_from([1, 2]),
     seed=st.integers(0, 10_000),
 )
-def test_per_channel_equals_the_torch_ops_kernel(bits, channels, inner, threads, seed):
+def test_per_channel_equals_the_torch_ops_kernel(path, bits, channels, inner, threads, seed):
     """Weights: one step per output channel (axis 0), symmetric, contiguous."""
     torch.manual_seed(seed)
     qmin, qmax = integer_range(bits, True)
@@ -114,8 +147,9 @@ def test_per_channel_equals_the_torch_ops_kernel(bits, channels, inner, threads,
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        assert uses_native(x, scale, None, qmin, qmax, 0)
-        native = run(fake_quantize, x, scale, None, qmin, qmax, 0, upstream)
+        with eager_path(path):
+            assert uses_native(x, scale, None, qmin, qmax, 0, path)
+            native = run(fake_quantize, x, scale, None, qmin, qmax, 0, upstream)
     finally:
         torch.set_num_threads(previous)
     reference = run(general, x, scale, None, qmin, qmax, 0, upstream)
@@ -123,6 +157,7 @@ def test_per_channel_equals_the_torch_ops_kernel(bits, channels, inner, threads,
 
 
 @needs_native
+@pytest.mark.parametrize("path", EAGER_PATHS)
 @settings(max_examples=50, deadline=None)
 @given(
     bits=st.integers(2, 8),
@@ -134,7 +169,7 @@ def test_per_channel_equals_the_torch_ops_kernel(bits, channels, inner, threads,
     seed=st.integers(0, 10_000),
 )
 def test_a_fused_input_clamp_equals_hardtanh_then_the_torch_ops_kernel(
-    bits, signed, with_offset, input_range, elements, threads, seed
+    path, bits, signed, with_offset, input_range, elements, threads, seed
 ):
     """fake_quantize(x, input_range=(lo, hi)) on the native kernel is F.hardtanh(x, lo, hi) followed by the
     torch-ops kernel: the same values and input gradient (zero at the bounds themselves, as hardtanh's), the step
@@ -159,10 +194,11 @@ def test_a_fused_input_clamp_equals_hardtanh_then_the_torch_ops_kernel(
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        native = run(fused, x, scale, zero_point, qmin, qmax, None, upstream)
+        with eager_path(path):
+            native = run(fused, x, scale, zero_point, qmin, qmax, None, upstream)
+            assert uses_native(x, scale, zero_point, qmin, qmax, None, path)
     finally:
         torch.set_num_threads(previous)
-    assert uses_native(x, scale, zero_point, qmin, qmax, None)
     reference = run(reference_kernel, x, scale, zero_point, qmin, qmax, None, upstream)
     assert_same(native, reference, magnitude_of(x.clamp(low, high), scale, upstream, qmin, qmax, None))
     # the torch-ops path of fake_quantize applies the clamp as its own op: the same again
@@ -173,11 +209,14 @@ def test_a_fused_input_clamp_equals_hardtanh_then_the_torch_ops_kernel(
 
 
 @needs_native
-def test_nan_and_infinite_inputs_are_handled_like_the_torch_ops_kernel():
+@pytest.mark.parametrize("path", EAGER_PATHS)
+def test_nan_and_infinite_inputs_are_handled_like_the_torch_ops_kernel(path):
     x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.3, -0.2, 5.0] * 3)
     upstream = torch.tensor([1.0, float("nan"), 2.0, 3.0, float("nan"), 4.0] * 3)
     scale = torch.tensor([0.1])
-    native = run(fake_quantize, x, scale, None, -8, 7, None, upstream)
+    with eager_path(path):
+        assert uses_native(x, scale, None, -8, 7, None, path)
+        native = run(fake_quantize, x, scale, None, -8, 7, None, upstream)
     reference = run(general, x, scale, None, -8, 7, None, upstream)
     torch.testing.assert_close(native[0], reference[0], rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(native[1], reference[1], rtol=0, atol=0, equal_nan=True)
@@ -201,12 +240,15 @@ def test_other_layouts_take_the_torch_ops_kernel_with_the_same_result():
 
 
 @needs_native
-def test_only_the_input_and_the_step_are_saved_for_backward():
+@pytest.mark.parametrize("path", EAGER_PATHS)
+def test_only_the_input_and_the_step_are_saved_for_backward(path):
     x = torch.randn(64, 32, requires_grad=True)
     scale = torch.tensor([0.1], requires_grad=True)
-    y = fake_quantize(x, scale, None, -8, 7)
-    assert type(y.grad_fn).__name__ == "NativeFakeQuantizeBackward"
-    assert [t.data_ptr() for t in y.grad_fn.saved_tensors] == [x.data_ptr(), scale.data_ptr()]
+    saved = []
+    with eager_path(path), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = fake_quantize(x, scale, None, -8, 7)
+    assert native_path(y) == path
+    assert [t.data_ptr() for t in saved] == [x.data_ptr(), scale.data_ptr()]
 
 
 @needs_native
@@ -220,28 +262,39 @@ def test_generated_models_see_the_same_forward_and_gradients_with_either_kernel(
     qmodel = fxquant.prepare_qat(model, recipe, x[:1])
     fxquant.calibrate(qmodel, x)
     results = []
-    for switch in ("1", "0"):
-        monkeypatch.setenv("FXQUANT_NATIVE_KERNEL", switch)
+    # the op, the ctypes library, the torch-ops kernel (the reference, last)
+    for kernel_switch, op_switch in (("1", "1"), ("1", "0"), ("0", "1")):
+        monkeypatch.setenv("FXQUANT_NATIVE_KERNEL", kernel_switch)
+        monkeypatch.setenv("FXQUANT_NATIVE_OP", op_switch)
         qmodel.zero_grad(set_to_none=True)
         xs = x.clone().requires_grad_()
         out = qmodel(xs)
         (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
         grads = {name: p.grad.clone() for name, p in qmodel.named_parameters() if p.grad is not None}
         results.append((out.detach(), xs.grad, grads))
-    (out, gx, grads), (out_ref, gx_ref, grads_ref) = results
-    torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
-    torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)
-    assert grads.keys() == grads_ref.keys()
-    for name in grads:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-3, atol=1e-4, msg=name)
+    *natives, (out_ref, gx_ref, grads_ref) = results
+    for out, gx, grads in natives:
+        torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+        torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)
+        assert grads.keys() == grads_ref.keys()
+        for name in grads:
+            torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-3, atol=1e-4, msg=name)
 
 
 def test_turned_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("FXQUANT_NATIVE_KERNEL", "0")
-    assert native_build.native_library() is None
+    assert native_build.native_library() is None and native_build.native_eager_op() is None
     x = torch.randn(10, requires_grad=True)
     y = fake_quantize(x, torch.tensor([0.1], requires_grad=True), None, -8, 7)
-    assert "Native" not in type(y.grad_fn).__name__
+    assert native_path(y) is None
+
+
+@needs_native
+def test_the_op_alone_is_turned_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("FXQUANT_NATIVE_OP", "off")
+    assert native_build.native_eager_op() is None and native_build.native_library() is not None
+    y = fake_quantize(torch.randn(10, requires_grad=True), torch.tensor([0.1], requires_grad=True), None, -8, 7)
+    assert native_path(y) == "ctypes"
 
 
 def test_a_missing_compiler_is_reported_in_one_line(monkeypatch, tmp_path):
@@ -274,10 +327,133 @@ def test_the_cache_key_follows_the_source(monkeypatch, tmp_path):
     assert native_build._built_library() != first
 
 
-@pytest.mark.skipif(os.environ.get("CI") != "true", reason="CI installs a compiler (scripts/setup.sh); here optional")
-def test_ci_builds_the_native_kernel():
-    """In CI the fused kernel is what the suite must exercise, not silently skip."""
+@pytest.mark.skipif(os.environ.get("CI") != "true", reason="CI installs compilers (scripts/setup.sh); here optional")
+def test_ci_builds_the_native_kernel_and_its_eager_op():
+    """In CI the fused kernel and the eager op are what the suite must exercise, not silently skip."""
     assert native_build.native_library() is not None
+    assert native_build.native_eager_op() is not None
+
+
+def test_a_missing_cxx_compiler_is_reported_in_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("FXQUANT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler-fxq")
+    with pytest.raises(native_build.NativeKernelUnavailable, match="no C\\+\\+ compiler: 'no-such-compiler-fxq'"):
+        native_build._built_op_library()
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_native
+def test_a_failing_op_build_is_reported_with_the_first_error_line(monkeypatch, tmp_path):
+    fake = tmp_path / "fakecxx"
+    fake.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo fakecxx 1.0; exit 0; fi\n"
+                    "echo 'In file included from torch/library.h:1,' >&2\n"
+                    "echo 'fake_quant_op.cpp:9: error: no C++20' >&2; exit 1\n")  # fmt: skip
+    fake.chmod(0o755)
+    monkeypatch.setenv("FXQUANT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(fake))
+    with pytest.raises(
+        native_build.NativeKernelUnavailable, match=r"could not compile native/fake_quant_op.cpp: .*error: no C\+\+20$"
+    ):
+        native_build._built_op_library()
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+@needs_native
+def test_the_op_library_is_linked_with_the_c_object_and_cached_by_its_sources(monkeypatch, tmp_path):
+    """The build links the C passes into the op's library and reuses it until a source changes. (A stand-in C++ file
+    that calls the C passes without torch's headers keeps this quick; the real one is what every other test loads.)
+    """
+    stand_in = b'extern "C" int fxq_version(void);\nextern "C" int fxq_op_probe(void) { return fxq_version(); }\n'
+    monkeypatch.setattr(native_build, "_op_source_bytes", lambda: stand_in)
+    monkeypatch.setenv("FXQUANT_CACHE_DIR", str(tmp_path))
+    first = native_build._built_op_library()
+    assert first.parent == tmp_path and first.name.startswith("fake_quant_op-")
+    assert ctypes.CDLL(str(first)).fxq_op_probe() == native_build.INTERFACE_VERSION  # the C object is inside
+    assert native_build._built_op_library() == first  # reused, not rebuilt
+    monkeypatch.setattr(native_build, "_op_source_bytes", lambda: stand_in + b"// changed\n")
+    assert native_build._built_op_library() != first
+
+
+@needs_native
+def test_a_process_without_the_op_warns_once_and_calls_the_c_kernel_by_ctypes(tmp_path):
+    """A machine whose C++ build fails still gets the C passes (through ctypes) and one warning saying so."""
+    script = (
+        "import warnings, torch\n"
+        "from fxquant.quant.kernel import fake_quantize\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    for _ in range(3):\n"
+        "        y = fake_quantize(torch.randn(9, requires_grad=True), torch.tensor([0.1]), None, -8, 7)\n"
+        "print(y.grad_fn.name())\n"
+        "print([str(w.message) for w in caught])\n"
+    )
+    environment = {**os.environ, "FXQUANT_CACHE_DIR": str(tmp_path), "CXX": "no-such-compiler-fxq"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=300)
+    assert done.returncode == 0, done.stderr
+    node, messages = done.stdout.splitlines()[-2:]
+    assert node == "NativeFakeQuantizeBackward"
+    assert messages.count("fxquant: the native eager fake-quant op is unavailable") == 1
+    assert "no C++ compiler: 'no-such-compiler-fxq'" in messages
+
+
+@needs_op
+def test_the_op_checks_its_arguments_with_a_clear_error():
+    op = native_build.native_eager_op()
+    grid = (-8, 7, -8.5, 7.5, 1e-8, 1.0, -math.inf, math.inf)
+    x, scale = torch.randn(4, 6), torch.tensor([0.1])
+    cases = {
+        "float32 CPU tensor": (x.double(), scale, None),
+        "contiguous or channels-last": (x.t(), scale, None),
+        "one step, or one per row": (x, torch.rand(3) + 0.1, None),
+        "one offset": (x, torch.rand(4) + 0.1, torch.zeros(4)),
+        "contiguous float32 CPU tensor": (x, torch.rand(4, 2).t().reshape(-1)[::2], None),
+    }
+    for message, (xs, ss, zs) in cases.items():
+        with pytest.raises(RuntimeError, match=message):
+            op(xs, ss, zs, *grid)
+
+
+@needs_op
+def test_the_op_without_autograd_gives_the_forward_values():
+    """Under no_grad and inference_mode (the op's CPU kernel, no autograd node) the values are the autograd ones."""
+    op = native_build.native_eager_op()
+    x, scale = torch.randn(5, 7) * 2, torch.tensor([0.3], requires_grad=True)
+    grid = kernels.native_grid(None, -8, 7, 0.1, (-1.0, 1.0))  # a fused Hardtanh: the clamp changes values
+    reference = op(x, scale, None, *grid)
+    assert torch.equal(reference, general(torch.nn.functional.hardtanh(x, -1.0, 1.0), scale, None, -8, 7, None, 0.1))
+    assert reference.grad_fn is not None
+    with torch.no_grad():
+        assert torch.equal(op(x, scale, None, *grid), reference)
+    with torch.inference_mode():
+        out = op(x, scale.detach(), None, *grid)
+    assert torch.equal(out, reference) and out.is_inference()
+
+
+@needs_op
+def test_a_step_changed_in_place_before_backward_is_refused():
+    """The step is read again in backward: autograd's version check catches an in-place change, as for any saved
+    tensor, instead of computing gradients with the new value."""
+    x = torch.randn(16, requires_grad=True)
+    scale = torch.tensor([0.1], requires_grad=True)
+    with eager_path("op"):
+        y = fake_quantize(x, scale, None, -8, 7)
+    with torch.no_grad():
+        scale.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+@needs_op
+@pytest.mark.parametrize("with_offset", [False, True])
+def test_the_op_passes_torch_library_opcheck(with_offset):
+    """Schema, autograd registration and fake kernel (output strides included) agree with what the op does."""
+    op = native_build.native_eager_op()
+    x = (torch.randn(3, 4, 5, 2) * 3).contiguous(memory_format=torch.channels_last).requires_grad_()
+    scale = torch.tensor([0.2], requires_grad=True)
+    offset = torch.tensor([2.0], requires_grad=True) if with_offset else None
+    grid = kernels.native_grid(offset, 0, 15, 0.1)
+    torch.library.opcheck(op, (x, scale, offset, *grid), test_utils=("test_schema", "test_autograd_registration",
+                                                                     "test_faketensor"))  # fmt: skip
 
 
 @needs_native
@@ -302,6 +478,7 @@ CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 @needs_native
+@pytest.mark.parametrize("path", EAGER_PATHS)
 @settings(max_examples=30, deadline=None)
 @given(
     dims=st.sampled_from([4, 5]),
@@ -311,7 +488,7 @@ CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
     seed=st.integers(0, 2**16),
 )
 def test_channels_last_tensors_run_the_native_kernel_in_place_with_the_same_result(
-    dims, per_channel, with_offset, sizes, seed
+    path, dims, per_channel, with_offset, sizes, seed
 ):
     """A channels-last activation or weight (dim 0 still outermost) is quantized where it lies: no copy, the
     output keeps x's strides, and values and gradients equal the torch-ops kernel's."""
@@ -321,9 +498,10 @@ def test_channels_last_tensors_run_the_native_kernel_in_place_with_the_same_resu
     scale = torch.rand(rows) * 0.3 + 0.05
     offset = torch.tensor([3.0]) if with_offset and not per_channel else None
     ch_axis = 0 if per_channel else None
-    assert uses_native(x, scale, offset, -8, 7, ch_axis)
     upstream = torch.randn_like(x)
-    native = run(fake_quantize, x, scale, offset, -8, 7, ch_axis, upstream)
+    with eager_path(path):
+        assert uses_native(x, scale, offset, -8, 7, ch_axis, path)
+        native = run(fake_quantize, x, scale, offset, -8, 7, ch_axis, upstream)
     assert native[0].stride() == x.stride() and native[1].stride() == x.stride()
     reference = run(general, x, scale, offset, -8, 7, ch_axis, upstream)
     assert_same(native, reference, magnitude_of(x, scale, upstream, -8, 7, ch_axis))
@@ -357,7 +535,7 @@ def test_the_compiled_backward_op_takes_any_layout_and_returns_the_fake_kernels_
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
-@needs_native
+@needs_op
 def test_a_channels_last_model_quantizes_every_tensor_with_the_native_kernel(monkeypatch):
     """A prepared CNN moved to channels_last (weights and activations) takes the C kernel at every quantizer, as
     in NCHW, and trains to the same loss and gradients up to the convolutions' own rounding."""
@@ -371,8 +549,9 @@ def test_a_channels_last_model_quantizes_every_tensor_with_the_native_kernel(mon
     qmodel = fxquant.prepare_qat(fp, "lsq_w4a4", x)
     fxquant.calibrate(qmodel, x)
     calls = []
-    apply = kernels.NativeFakeQuantize.apply
-    monkeypatch.setattr(kernels.NativeFakeQuantize, "apply", lambda *args: calls.append(args[0].shape) or apply(*args))
+    op = native_build.native_eager_op()
+    assert op is not None
+    monkeypatch.setattr(kernels, "native_eager_op", lambda: lambda *args: calls.append(args[0].shape) or op(*args))
 
     def step(model, inputs):
         calls.clear()

@@ -30,6 +30,8 @@ def test_wheel_ships_passes_and_recipes(tmp_path):
     recipes = {Path(n).stem for n in names if n.startswith("fxquant/recipes/") and n.endswith(".toml")}
     assert {p.stem for p in (ROOT / "recipes").glob("*.toml")} == recipes
     assert "fxquant/assets/resnet20_fashion_mnist.pt" in names  # the demo's FP model
+    # the native kernel's sources, compiled on first use
+    assert {"fxquant/quant/native/fake_quant.c", "fxquant/quant/native/fake_quant_op.cpp"} <= set(names)
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)], check=True

@@ -18,8 +18,10 @@ Three implementations with identical values and input gradients (``tests/test_fa
 ``tests/test_native_kernel.py`` check them against each other, exact ties included): :class:`_FakeQuantize`,
 with the step and offset as tensors (per channel, any device, and what ``torch.compile`` traces and fuses into
 its neighbours); in eager mode on CPU, for float32 tensors (contiguous or channels-last) per tensor or per output
-channel, the fused C kernel of :mod:`fxquant.quant.native_kernel` (one pass forward, one backward; compiled on
-first use, see :mod:`fxquant.quant.native_build`); and, where that kernel is unavailable, for one float32 step on CPU,
+channel, the fused C kernel (one pass forward, one backward; compiled on first use, see
+:mod:`fxquant.quant.native_build`), called as the op ``fxquant::fake_quantize_eager`` with its autograd node in C++
+(``native/fake_quant_op.cpp``), or, where that op cannot be built, through ctypes under the Python autograd node of
+:mod:`fxquant.quant.native_kernel`; and, where the C kernel is unavailable, for one float32 step on CPU,
 :class:`_FakeQuantizePerTensorCPU`, which reads the step as a Python number and makes fewer passes than the
 general kernel. Compiled on CPU where the C kernel applies, :class:`_FakeQuantizeCompiledCPU` keeps the forward
 as traced tensor ops and runs the C kernel's backward as the opaque op ``fxquant::fake_quantize_backward``, in
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 
 from fxquant.quant.grid import MIN_STEP, MIN_STEP_F32
 from fxquant.quant.grid import exclusive_bounds as _exclusive_bounds
-from fxquant.quant.native_build import native_library
+from fxquant.quant.native_build import native_eager_op, native_library
 from fxquant.quant.native_kernel import (
     NativeFakeQuantize,
     native_backward,
@@ -356,13 +358,14 @@ def clamp_input(x: torch.Tensor, input_range: tuple[float, float] | None) -> tor
 def _fake_quantize_cpu(x, scale, zero_point, qmin, qmax, ch_axis, grad_factor, input_range):
     """Eager float32 on CPU: the fused native kernel where it applies, else the per-tensor number kernel, else
     the general one (those two after the input clamp, as a separate op)."""
-    lib = None
     applies = x.numel() > 0 and scale.is_contiguous() and _native_applies(scale, zero_point, ch_axis)
-    if applies and native_layout_applies(x):
-        lib = native_library()
-    if lib is not None and scale.numel() == (1 if ch_axis is None else x.shape[0]):
+    if applies and native_layout_applies(x) and scale.numel() == (1 if ch_axis is None else x.shape[0]):
+        op = native_eager_op()  # the C passes with a C++ autograd node; else through ctypes under a Python one
+        lib = None if op is not None else native_library()
         grid = native_grid(zero_point, qmin, qmax, grad_factor, input_range)
-        if grid is not None:
+        if grid is not None and op is not None:
+            return op(x, scale, zero_point, *grid)
+        if grid is not None and lib is not None:
             return NativeFakeQuantize.apply(x, scale, zero_point, grid, lib)
     x = clamp_input(x, input_range)
     if ch_axis is None:

@@ -1,14 +1,26 @@
-"""Compile and load fxquant's fused CPU fake-quant kernel (``native/fake_quant.c``) on first use.
+"""Compile and load fxquant's fused CPU fake-quant kernel (``native/fake_quant.c``) and its eager op on first use.
 
-The C file has no dependency but the C library: it is compiled with the machine's C compiler (``$CC``, else
-``cc``) into a per-user cache (``$FXQUANT_CACHE_DIR``, else ``$XDG_CACHE_HOME/fxquant``, else
-``~/.cache/fxquant``) in about a second, and loaded with ``ctypes``. The cached file's name is a hash of the
-source, the compiler's identity, the flags and the CPU's feature flags, since it is built with ``-march=native``:
-a home directory shared between different machines never loads a build made for another CPU.
+Two builds, each into a per-user cache (``$FXQUANT_CACHE_DIR``, else ``$XDG_CACHE_HOME/fxquant``, else
+``~/.cache/fxquant``):
 
-Nothing happens at import time. Without a compiler, or when the build fails, :func:`native_library` warns once
-and returns None and fxquant uses the torch-ops kernel (same numerics, slower on CPU). ``FXQUANT_NATIVE_KERNEL=0``
-turns the native kernel off without a warning.
+* :func:`native_library`: the C file alone, compiled with the machine's C compiler (``$CC``, else ``cc``) in about
+  a second and loaded with ``ctypes``. It has no dependency but the C library. The compiled backward op of
+  ``kernel.py`` calls it, and so does eager mode when the op below is unavailable.
+* :func:`native_eager_op`: ``native/fake_quant_op.cpp``, which registers ``fxquant::fake_quantize_eager`` (the same
+  C passes behind torch's dispatcher, with a C++ autograd node) and is linked with the C file compiled as an object.
+  It is compiled against the installed torch's headers with the C++ compiler (``$CXX``, else ``c++``; C++20, which
+  torch's headers need) in about 15 seconds, once per machine and torch version, and loaded with
+  ``torch.ops.load_library``. Eager quantizers call it: it saves the Python autograd node and the ctypes call of
+  each quantizer call.
+
+A cached file's name is a hash of its sources, the compilers' identities, the flags and the CPU's feature flags,
+since the C file is built with ``-march=native`` (a home directory shared between different machines never loads
+a build made for another CPU), and for the op also torch's version and build: a new torch gets a new build.
+
+Nothing happens at import time. Without a compiler, or when a build fails, the function warns once and returns None,
+and fxquant falls back: from the op to the ctypes kernel (same numerics, more cost per call), from the C library to
+the torch-ops kernel (same numerics, slower on CPU). ``FXQUANT_NATIVE_KERNEL=0`` turns both off and
+``FXQUANT_NATIVE_OP=0`` the op alone, without a warning.
 
 Example usage::
 
@@ -18,6 +30,7 @@ Example usage::
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -27,15 +40,22 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 
+import torch
+
 INTERFACE_VERSION = 3  # fxq_version() of a build this module can call
 _SOURCE = ("native", "fake_quant.c")
+_OP_SOURCE = ("native", "fake_quant_op.cpp")
 # -ffp-contract=off: x·(1/s) and the rounding must stay separate float32 operations, as in torch's kernels.
-_FLAGS = ("-O3", "-std=gnu11", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC")
+_FLAGS = ("-O3", "-std=gnu11", "-ffp-contract=off", "-fno-fast-math", "-fPIC")
 # Tried in order: not every compiler knows -march=native, or has OpenMP (macOS's clang); the last always builds.
 _VARIANTS = (("-march=native", "-fopenmp"), ("-fopenmp",), ())
+# The op's C++ file only marshals tensors: -O2 builds it quicker than -O3 and the passes are in the C object.
+_OP_FLAGS = ("-O2", "-std=c++20", "-fPIC", "-shared")
+_OP_LIBRARIES = ("-lc10", "-ltorch_cpu")
 
 
 class NativeKernelUnavailable(RuntimeError):
@@ -63,7 +83,11 @@ def native_kernel_requested() -> bool:
 
         native_kernel_requested()   # True unless the environment turned it off
     """
-    return os.environ.get("FXQUANT_NATIVE_KERNEL", "1").strip().lower() not in ("0", "false", "no", "off")
+    return _switched_on("FXQUANT_NATIVE_KERNEL")
+
+
+def _switched_on(variable: str) -> bool:
+    return os.environ.get(variable, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def native_library() -> ctypes.CDLL | None:
@@ -91,14 +115,66 @@ def _loaded_library() -> ctypes.CDLL | None:
         return None
 
 
+def native_eager_op() -> Callable[..., torch.Tensor] | None:
+    """``torch.ops.fxquant.fake_quantize_eager.default``, built and loaded on the first call; None when
+    ``FXQUANT_NATIVE_KERNEL=0`` or ``FXQUANT_NATIVE_OP=0``, when the C library is unavailable, or (with one warning)
+    when the op cannot be built. Its arguments are the tensors and :class:`~fxquant.quant.native_kernel.RowGrid`'s
+    numbers (see ``native/fake_quant_op.cpp``).
+
+    Example usage::
+
+        op = native_eager_op()
+        y = op(x, step, None, *native_kernel.native_grid(None, 0, 15, 0.01))  # a RowGrid is those numbers in order
+    """
+    if not (native_kernel_requested() and _switched_on("FXQUANT_NATIVE_OP")):
+        return None
+    return _loaded_op()
+
+
+@functools.cache  # one load per process: a second library registering the same op would be refused
+def _loaded_op() -> Callable[..., torch.Tensor] | None:
+    if _loaded_library() is None:
+        return None  # no C compiler or a failed C build: already reported once
+    try:
+        path = _built_op_library()
+        torch.ops.load_library(str(path))
+        op = torch.ops.fxquant.fake_quantize_eager.default
+    except (NativeKernelUnavailable, OSError, RuntimeError, AttributeError) as reason:
+        warnings.warn(
+            f"fxquant: the native eager fake-quant op is unavailable ({reason}); using the C kernel through ctypes "
+            "(same numerics, more time per call). Set FXQUANT_NATIVE_OP=0 to silence this.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    # Eager mode only calls it, but a tracer with fake tensors (make_fx, opcheck) needs its output's metadata.
+    torch.library.register_fake("fxquant::fake_quantize_eager")(_fake_quantize_eager_meta)
+    return op
+
+
+def _fake_quantize_eager_meta(x: torch.Tensor, *_: object) -> torch.Tensor:
+    return torch.empty_like(x)  # the op's output has x's shape and strides
+
+
 def _source_bytes() -> bytes:
     return resources.files("fxquant.quant").joinpath(*_SOURCE).read_bytes()
 
 
+def _op_source_bytes() -> bytes:
+    return resources.files("fxquant.quant").joinpath(*_OP_SOURCE).read_bytes()
+
+
 def _compiler() -> str:
-    compiler = os.environ.get("CC") or "cc"
+    return _found(os.environ.get("CC") or "cc", "C")
+
+
+def _cxx_compiler() -> str:
+    return _found(os.environ.get("CXX") or "c++", "C++")
+
+
+def _found(compiler: str, language: str) -> str:
     if shutil.which(compiler) is None:
-        raise NativeKernelUnavailable(f"no C compiler: {compiler!r} is not on PATH")
+        raise NativeKernelUnavailable(f"no {language} compiler: {compiler!r} is not on PATH")
     return compiler
 
 
@@ -125,30 +201,93 @@ def _built_library() -> Path:
     source = _source_bytes()
     compiler = _compiler()
     identity = "\n".join([_compiler_identity(compiler), repr((_FLAGS, _VARIANTS)), _cpu_features()])
-    key = hashlib.sha256(source + identity.encode()).hexdigest()[:16]
-    target = cache_dir() / f"fake_quant-{key}.so"
+    target = _cache_target("fake_quant", source, identity)
     if target.exists():
         return target
+    with _scratch_folder(target) as scratch:
+        c_file = scratch / "fake_quant.c"
+        c_file.write_bytes(source)
+        built = scratch / target.name
+        _compile_c(compiler, c_file, built, "-shared")
+        os.replace(built, target)  # atomic: a concurrent process sees the old state or the whole file
+    return target
+
+
+def _built_op_library() -> Path:
+    """The eager op's shared library: the C file compiled as an object, linked with the C++ file against torch."""
+    c_source, op_source = _source_bytes(), _op_source_bytes()
+    compiler, cxx = _compiler(), _cxx_compiler()
+    torch_folder = Path(torch.__file__).parent
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    identity = "\n".join(
+        [
+            _compiler_identity(compiler),
+            _compiler_identity(cxx),
+            repr((_FLAGS, _VARIANTS, _OP_FLAGS, _OP_LIBRARIES, abi)),
+            _cpu_features(),
+            f"torch {torch.__version__} {torch.version.git_version} {torch_folder}",
+        ]
+    )
+    target = _cache_target("fake_quant_op", c_source + op_source, identity)
+    if target.exists():
+        return target
+    with _scratch_folder(target) as scratch:
+        c_file, op_file, c_object = scratch / "fake_quant.c", scratch / "fake_quant_op.cpp", scratch / "fake_quant.o"
+        c_file.write_bytes(c_source)
+        op_file.write_bytes(op_source)
+        variant = _compile_c(compiler, c_file, c_object, "-c")
+        built = scratch / target.name
+        libraries = torch_folder / "lib"
+        command = [
+            cxx, *_OP_FLAGS, abi, "-I", str(torch_folder / "include"), str(op_file), str(c_object),
+            "-L", str(libraries), *_OP_LIBRARIES, f"-Wl,-rpath,{libraries}",
+            *(("-fopenmp",) if "-fopenmp" in variant else ()),  # the C object's OpenMP calls need libgomp linked
+            "-o", str(built),
+        ]  # fmt: skip
+        _run_compiler(command, "/".join(_OP_SOURCE))
+        os.replace(built, target)
+    return target
+
+
+def _cache_target(stem: str, source: bytes, identity: str) -> Path:
+    key = hashlib.sha256(source + identity.encode()).hexdigest()[:16]
+    return cache_dir() / f"{stem}-{key}.so"
+
+
+@contextlib.contextmanager
+def _scratch_folder(target: Path) -> Iterator[Path]:
+    """A temporary folder beside ``target`` (the same file system, so the finished file moves in atomically)."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise NativeKernelUnavailable(f"cannot create the cache folder {target.parent}: {error}") from error
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        c_file = Path(scratch) / "fake_quant.c"
-        c_file.write_bytes(source)
-        built = Path(scratch) / target.name
-        errors = ""
-        for extra in _VARIANTS:
-            command = [compiler, *_FLAGS, *extra, str(c_file), "-o", str(built)]
-            try:
-                done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-            except (OSError, subprocess.SubprocessError) as error:
-                raise NativeKernelUnavailable(f"{compiler} failed to run: {error}") from error
-            if done.returncode == 0:
-                os.replace(built, target)  # atomic: a concurrent process sees the old state or the whole file
-                return target
-            errors = (done.stderr.strip().splitlines() or ["no message"])[0]
-        raise NativeKernelUnavailable(f"{compiler} could not compile {'/'.join(_SOURCE)}: {errors}")
+        yield Path(scratch)
+
+
+def _compile_c(compiler: str, c_file: Path, output: Path, mode: str) -> tuple[str, ...]:
+    """Compile the C file (``mode``: ``-shared`` or ``-c``) with the first flag variant the compiler accepts;
+    returns that variant."""
+    error = ""
+    for extra in _VARIANTS:
+        try:
+            _run_compiler([compiler, *_FLAGS, mode, *extra, str(c_file), "-o", str(output)], "/".join(_SOURCE))
+            return extra
+        except NativeKernelUnavailable as failure:
+            error = str(failure)
+    raise NativeKernelUnavailable(error)
+
+
+def _run_compiler(command: list[str], source: str) -> None:
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as error:
+        raise NativeKernelUnavailable(f"{command[0]} failed to run: {error}") from error
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        # the first error, not the "In file included from" lines before it
+        first = next((line for line in lines if "error" in line), lines[0] if lines else "no message")
+        raise NativeKernelUnavailable(f"{command[0]} could not compile {source}: {first.strip()}")
 
 
 def _load(path: Path) -> ctypes.CDLL:

@@ -1,11 +1,14 @@
-"""The fused CPU fake-quant kernel as an autograd function: one pass forward, one backward.
+"""The fused CPU fake-quant kernel's grid and its ctypes autograd function: one pass forward, one backward.
 
-:func:`fxquant.quant.kernel.fake_quantize` calls it in eager mode for float32 CPU tensors, contiguous or
+:func:`fxquant.quant.kernel.fake_quantize` uses it in eager mode for float32 CPU tensors, contiguous or
 channels-last (the pass runs over memory in storage order, and dim 0 is outermost in both), per tensor (any offset)
 or per row (a step per output channel or weight group, no offset), when the library from
-:mod:`fxquant.quant.native_build` is available. The values and the input gradient are bit for bit those of the
-torch-ops kernels in ``kernel.py``; the step and offset gradients are the same sums, accumulated in another order
-(in double across blocks), so they agree to rounding (``tests/test_native_kernel.py`` checks both).
+:mod:`fxquant.quant.native_build` is available: :func:`native_grid` gives the numbers of a call, which go to the
+op ``fxquant::fake_quantize_eager`` (the same passes with a C++ autograd node, ``native/fake_quant_op.cpp``) or,
+where that op could not be built, to :class:`NativeFakeQuantize` here. The values and the input gradient are bit
+for bit those of the torch-ops kernels in ``kernel.py``; the step and offset gradients are the same sums,
+accumulated in another order (in double across blocks), so they agree to rounding (``tests/test_native_kernel.py``
+checks both paths).
 
 Only ``x`` and the step are saved for the backward: the quantized value is recomputed from x in the same pass.
 A fused input clamp (``RowGrid.input_low``/``input_high``: the ReLU, ReLU6 or Hardtanh that
@@ -18,18 +21,18 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from fxquant.quant.grid import MIN_STEP_F32, exclusive_bounds
 
 
-@dataclass(frozen=True)
-class RowGrid:
+class RowGrid(NamedTuple):
     """What one call needs besides the tensors: the integer clamp range after the offset shift, the open bounds of
     the straight-through mask (``grid.exclusive_bounds``), the smallest step applied, the factor LSQ
-    scales the step and offset gradients by, and the input clamp applied before quantizing (±inf: none)."""
+    scales the step and offset gradients by, and the input clamp applied before quantizing (±inf: none). In the
+    order of ``fxquant::fake_quantize_eager``'s numbers, so ``op(x, scale, zero_point, *grid)`` calls it."""
 
     low: float
     high: float
