@@ -362,10 +362,10 @@ def _fake_quantize_cpu(x, scale, zero_point, qmin, qmax, ch_axis, grad_factor, i
     if applies and native_layout_applies(x) and scale.numel() == (1 if ch_axis is None else x.shape[0]):
         op = native_eager_op()  # the C passes with a C++ autograd node; else through ctypes under a Python one
         lib = None if op is not None else native_library()
-        grid = native_grid(zero_point, qmin, qmax, grad_factor, input_range)
-        if grid is not None and op is not None:
-            return op(x, scale, zero_point, *grid)
-        if grid is not None and lib is not None:
+        grid = None if op is None and lib is None else native_grid(zero_point, qmin, qmax, grad_factor, input_range)
+        if grid is not None:  # None also for a diverged offset, which the tensor kernel propagates
+            if op is not None:
+                return op(x, scale, zero_point, *grid)
             return NativeFakeQuantize.apply(x, scale, zero_point, grid, lib)
     x = clamp_input(x, input_range)
     if ch_axis is None:
