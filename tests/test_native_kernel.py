@@ -297,11 +297,15 @@ def test_the_op_alone_is_turned_off_by_the_environment(monkeypatch):
     assert native_path(y) == "ctypes"
 
 
-def test_a_missing_compiler_is_reported_in_one_line(monkeypatch, tmp_path):
+@pytest.mark.parametrize(
+    "variable, language, build",
+    [("CC", "C", "_built_library"), ("CXX", "C\\+\\+", "_built_op_library")],  # the C library, the eager op
+)
+def test_a_missing_compiler_is_reported_in_one_line(variable, language, build, monkeypatch, tmp_path):
     monkeypatch.setenv("FXQUANT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("CC", "no-such-compiler-fxq")
-    with pytest.raises(native_build.NativeKernelUnavailable, match="no C compiler: 'no-such-compiler-fxq'"):
-        native_build._built_library()
+    monkeypatch.setenv(variable, "no-such-compiler-fxq")
+    with pytest.raises(native_build.NativeKernelUnavailable, match=f"no {language} compiler: 'no-such-compiler-fxq'"):
+        getattr(native_build, build)()
     assert list(tmp_path.iterdir()) == []
 
 
@@ -332,14 +336,6 @@ def test_ci_builds_the_native_kernel_and_its_eager_op():
     """In CI the fused kernel and the eager op are what the suite must exercise, not silently skip."""
     assert native_build.native_library() is not None
     assert native_build.native_eager_op() is not None
-
-
-def test_a_missing_cxx_compiler_is_reported_in_one_line(monkeypatch, tmp_path):
-    monkeypatch.setenv("FXQUANT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("CXX", "no-such-compiler-fxq")
-    with pytest.raises(native_build.NativeKernelUnavailable, match="no C\\+\\+ compiler: 'no-such-compiler-fxq'"):
-        native_build._built_op_library()
-    assert list(tmp_path.iterdir()) == []
 
 
 @needs_native
