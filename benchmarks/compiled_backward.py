@@ -1,9 +1,10 @@
-"""Compiled on CPU: the quantizers' backward as the C kernel's opaque op, or as inductor's own generated code.
+"""Compiled on CPU: the quantizers' backward as fxquant's opaque op (the C kernel), or as inductor's own code.
 
 fxquant compiles a quantizer's forward as traced tensor ops and runs its backward as ``fxquant::fake_quantize_backward``
-(the C kernel's single pass); with ``FXQUANT_NATIVE_KERNEL=0`` inductor generates the backward itself. This runs
-compiled FP, compiled W4A4 with the op and compiled W4A4 with inductor's backward, interleaved in one process, on
-the models of ``overhead.py``; the table gives median steps and ratios to compiled FP. Run it alone on the machine.
+(the C kernel's single pass); with ``FXQUANT_COMPILED_QUANTIZER=traced`` inductor generates the backward itself, and
+with ``=op`` the forward stays the opaque op too (see ``fxquant/quant/kernel.py``). This runs compiled FP and the
+three compiled W4A4 modes, interleaved in one process, on the models of ``overhead.py``; the table gives median steps
+and ratios to compiled FP. Run it alone on the machine.
 
     python benchmarks/compiled_backward.py [--models resnet18,mobilenet_v2,resnet20,mlp,vit_tiny] [--steps 12]
 """
@@ -25,8 +26,9 @@ from train_steps import MODELS, TimedStep, fp_and_w4a4, use_a_fresh_compile_cach
 
 VARIANTS = (
     ("FP32 compiled", False, {}),
-    ("W4A4 compiled, C-kernel backward", True, {}),
-    ("W4A4 compiled, inductor backward", True, {"FXQUANT_NATIVE_KERNEL": "0"}),
+    ("W4A4 compiled, C-kernel backward", True, {"FXQUANT_COMPILED_QUANTIZER": "traced_forward"}),
+    ("W4A4 compiled, inductor backward", True, {"FXQUANT_COMPILED_QUANTIZER": "traced"}),
+    ("W4A4 compiled, opaque forward and backward", True, {"FXQUANT_COMPILED_QUANTIZER": "op"}),
 )
 
 

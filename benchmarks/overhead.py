@@ -37,8 +37,6 @@ from train_steps import MODELS, Bench, TimedStep, batch_of, environment, fp_and_
 import fxquant
 
 WARMUP_STEPS = 5
-TORCH_OPS_LABEL = "fxquant W4A4, torch-ops kernel"  # W4A4 step / FP step, eager vs eager and compiled vs compiled
-CTYPES_LABEL = "fxquant W4A4, C kernel by ctypes"  # the C passes under a Python autograd node, not the C++ op
 
 
 # lsq_w4a4 with the network input's 8-bit range observed instead of learned: no gradient is needed at the first
@@ -62,19 +60,13 @@ def _variants(bench: Bench, x: torch.Tensor, compile_too: bool, with_peers: bool
     example = x[:1]
     w8 = fxquant.prepare_qat(model, "lsq_w8a8", example)
     w4 = fxquant.prepare_qat(model, "lsq_w4a4", example)
-    w4_torch_ops = fxquant.prepare_qat(model, "lsq_w4a4", example)
-    w4_ctypes = fxquant.prepare_qat(model, "lsq_w4a4", example)
     w4_observed = fxquant.prepare_qat(model, OBSERVED_INPUT, example)
-    for qmodel in (w8, w4, w4_torch_ops, w4_ctypes, w4_observed):
+    for qmodel in (w8, w4, w4_observed):
         fxquant.calibrate(qmodel, x)
     variants = [
         Variant("FP32", model),
         Variant("fxquant W8A8", w8),
         Variant("fxquant W4A4", w4),
-        # the same model through the torch-ops kernel: what the fused native kernel saves, in the same run
-        Variant(TORCH_OPS_LABEL, w4_torch_ops, environment={"FXQUANT_NATIVE_KERNEL": "0"}),
-        # the same C passes called by ctypes under a Python autograd node: what the C++ op saves per call
-        Variant(CTYPES_LABEL, w4_ctypes, environment={"FXQUANT_NATIVE_OP": "0"}),
         Variant("fxquant W4A4, input observed", w4_observed),
         Variant("torch.ao x86 (8-bit)", ao_prepare_qat_fx(model, (example,), "x86")),
         Variant(
@@ -178,18 +170,6 @@ def verdicts(rows: list[dict]) -> list[str]:
         goal = MODELS[name].goal
         ours = by["fxquant W4A4"]["ratio_to_fp"]
         parts = [f"eager W4A4 ×{ours:.2f} of FP (goal ≤ {goal}: {'met' if ours <= goal else 'NOT met'})"]
-        if TORCH_OPS_LABEL in by:
-            torch_ops = by[TORCH_OPS_LABEL]["median_ms"] / by["fxquant W4A4"]["median_ms"]
-            parts.append(
-                f"the torch-ops kernel instead of the native one ×{by[TORCH_OPS_LABEL]['ratio_to_fp']:.2f} "
-                f"(the native kernel's step is {torch_ops:.2f}× faster)"
-            )
-        if CTYPES_LABEL in by:
-            ctypes_ratio = by[CTYPES_LABEL]["median_ms"] / by["fxquant W4A4"]["median_ms"]
-            parts.append(
-                f"the C kernel by ctypes instead of the C++ op ×{by[CTYPES_LABEL]['ratio_to_fp']:.2f} "
-                f"(the op's step is {ctypes_ratio:.2f}× faster)"
-            )
         if "fxquant W4A4, input observed" in by:
             observed = by["fxquant W4A4, input observed"]["ratio_to_fp"]
             parts.append(f"with the input observed ×{observed:.2f} ({'met' if observed <= goal else 'NOT met'})")

@@ -14,6 +14,10 @@ settings.register_profile(
 settings.register_profile("thorough", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("FXQUANT_HYPOTHESIS", "default"))
 torch.set_num_threads(2)
+if not torch.cuda.is_available():
+    # fxquant's Triton kernels (the CUDA kernels of its ops) run on the CPU under Triton's interpreter, so CI tests
+    # the very kernels a GPU runs. Set before anything imports them: triton.jit reads it when it decorates.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -191,3 +191,82 @@ def rounding_ties(
     grid = torch.arange(qmin - z - 3, qmax - z + 3).float() + 0.5
     count = 3 * grid.numel() if elements is None else elements
     return scale, grid.repeat(count // grid.numel() + 1)[:count] * scale
+
+
+@dataclass
+class QuantCase:
+    """One call of the fake-quant ops: inputs and the upstream gradient (see :func:`quant_cases`)."""
+
+    x: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    qmin: int
+    qmax: int
+    input_range: tuple[float, float]
+    grad: torch.Tensor
+    grad_factor: float = 0.37
+
+    @property
+    def numbers(self) -> tuple:
+        """The ops' numbers after the tensors: (qmin, qmax, grad_factor, input_low, input_high)."""
+        return (self.qmin, self.qmax, self.grad_factor, *self.input_range)
+
+    def step_gradient_tolerance(self) -> float:
+        """An absolute tolerance for the step and offset gradients: float32 rounding relative to the summed terms
+        (|grad|·(|x|/s + range)), not to their possibly much smaller total."""
+        s = self.scale.float().clamp(min=1e-8)
+        s = s.reshape([-1] + [1] * (self.x.dim() - 1)) if s.numel() > 1 else s
+        terms = self.grad.float().abs() * (self.x.float().abs() / s + max(-self.qmin, self.qmax))
+        return 1e-5 * float(terms.nan_to_num(0.0, 0.0, 0.0).sum()) * self.grad_factor + 1e-6
+
+
+NO_RANGE = (-float("inf"), float("inf"))
+LAYOUTS = ("contiguous", "channels_last", "transposed")
+
+
+@st.composite
+def quant_cases(draw: st.DrawFn, dtypes=(torch.float32, torch.bfloat16, torch.float16), max_rows: int = 6) -> QuantCase:
+    """A fake-quant call covering what the kernels branch on: widths 2–8, signed or not, one step or one per row
+    (an output channel, a group, a token), no offset, a shared one or one per row, input dtype, layout (contiguous,
+    channels-last, or rows that are not storage blocks), exact rounding ties at the clipping edges, NaN and
+    infinities in x and in the gradient, a fused input clamp, and a step below MIN_STEP."""
+    bits, signed = draw(st.integers(2, 8)), draw(st.booleans())
+    qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    shape = (draw(st.integers(1, max_rows)), draw(st.integers(1, 5)), draw(st.integers(1, 9)), draw(st.integers(1, 9)))
+    rows = draw(st.sampled_from([1, shape[0]]))
+    offset = draw(st.sampled_from(["none", "shared", "per_row"] if rows > 1 else ["none", "shared"]))
+    seed = draw(st.integers(0, 2**16))
+    generator = torch.Generator().manual_seed(seed)
+    if draw(st.booleans()):  # ties: every x/s is k + ½ around the (shifted) clipping edges
+        z = 0 if offset == "none" else int(torch.randint(qmin, qmax + 1, (), generator=generator))
+        scale = torch.full((rows,), 2.0 ** int(torch.randint(-6, 3, (), generator=generator)))
+        grid = (torch.arange(qmin - z - 3, qmax - z + 3).float() + 0.5) * scale[0]
+        count = torch.Size(shape).numel()
+        x = grid.repeat(count // grid.numel() + 1)[:count].reshape(shape)
+        zero_point = None if offset == "none" else torch.full((rows if offset == "per_row" else 1,), float(z))
+    else:
+        spread = float(torch.rand((), generator=generator)) * 5 + 0.1
+        x = torch.randn(shape, generator=generator) * spread
+        scale = torch.rand(rows, generator=generator) * spread / 4 + 1e-3
+        zero_point = {
+            "none": None,
+            "shared": torch.randint(qmin, qmax + 1, (1,), generator=generator).float() + 0.3,
+            "per_row": torch.randint(qmin, qmax + 1, (rows,), generator=generator).float(),
+        }[offset]
+    if draw(st.booleans()):
+        scale[0] = 1e-12  # below MIN_STEP: every kernel applies the clamped step
+    grad = torch.randn(shape, generator=generator)
+    if draw(st.booleans()):  # NaN, +inf and -inf inputs, and a NaN gradient
+        where = torch.randperm(x.numel(), generator=generator)[:4]
+        specials = torch.tensor([float("nan"), float("inf"), -float("inf")])
+        x.view(-1)[where[:3]] = specials[: len(where[:3])]
+        grad.view(-1)[where[-1:]] = float("nan")
+    dtype = draw(st.sampled_from(dtypes))
+    x, grad = x.to(dtype), grad.to(dtype)
+    layout = draw(st.sampled_from(LAYOUTS))
+    if layout == "channels_last":
+        x, grad = x.contiguous(memory_format=torch.channels_last), grad.contiguous(memory_format=torch.channels_last)
+    elif layout == "transposed":  # dense, but dim 0 is not outermost: kernels must copy
+        x, grad = x.transpose(0, 3).contiguous().transpose(0, 3), grad.transpose(0, 3).contiguous().transpose(0, 3)
+    input_range = draw(st.sampled_from([NO_RANGE, (0.0, float("inf")), (0.0, 6.0), (-1.0, 1.0)]))
+    return QuantCase(x, scale, zero_point, qmin, qmax, input_range, grad)

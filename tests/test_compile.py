@@ -9,8 +9,7 @@ from torch import nn
 
 import fxquant
 from fxquant.quant import LSQQuantizer, ObserverQuantizer, QuantizerConfig, clamp_steps, make_quantizer
-from fxquant.quant.kernel import MIN_STEP, fake_quantize
-from fxquant.quant.native_build import native_library
+from fxquant.quant.kernel import COMPILED_MODES, MIN_STEP, fake_quantize
 
 from .strategies import INPUT_SHAPE, models
 
@@ -149,7 +148,7 @@ def test_fit_compiled_follows_the_eager_loss_trajectory():
     assert sorted(drift)[len(drift) // 2] < 0.05, drift
 
 
-@pytest.mark.skipif(native_library() is None, reason="no C compiler here: compiled graphs keep the tensor backward")
+@pytest.mark.parametrize("mode", COMPILED_MODES)
 @pytest.mark.parametrize(
     "case",
     [
@@ -158,9 +157,11 @@ def test_fit_compiled_follows_the_eager_loss_trajectory():
         dict(shape=(8, 3, 3, 3), channels=0, offset=False, input_range=None),  # per-channel weights
     ],
 )
-def test_a_compiled_cpu_backward_is_the_c_kernel_with_the_eager_gradients(case):
-    """Compiled on CPU, the forward is traced tensor ops and the backward the C kernel as the opaque op
-    fxquant::fake_quantize_backward: the same values and input gradient as eager, step gradients to rounding."""
+def test_each_compiled_mode_gives_the_eager_values_and_gradients(mode, case, monkeypatch):
+    """Compiled, the quantizer's forward is traced tensor ops or the opaque op, and its backward the op
+    fxquant::fake_quantize_backward (this machine's kernel) or inductor's code (FXQUANT_COMPILED_QUANTIZER):
+    the same values and input gradient as eager, step gradients to rounding."""
+    monkeypatch.setenv("FXQUANT_COMPILED_QUANTIZER", mode)
     torch.manual_seed(0)
     x = torch.randn(case["shape"]) * 4
     rows = 1 if case["channels"] is None else x.shape[0]
@@ -183,9 +184,19 @@ def test_a_compiled_cpu_backward_is_the_c_kernel_with_the_eager_gradients(case):
     compiled = torch.compile(quantize, fullgraph=True)
     with torch.profiler.profile() as profile:
         got = gradients(compiled)
-    assert any(e.key == "fxquant::fake_quantize_backward" for e in profile.key_averages())
+    ran = {e.key for e in profile.key_averages()}
+    assert ("fxquant::fake_quantize_backward" in ran) == (mode != "traced")
+    assert ("fxquant::fake_quantize" in ran) == (mode == "op")
     expected = gradients(quantize)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     for g, e in zip(got[2:], expected[2:]):
         if e is not None:
-            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_an_unknown_compiled_mode_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("FXQUANT_COMPILED_QUANTIZER", "fast")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: fake_quantize(x, torch.tensor([0.1]), None, -8, 7), fullgraph=True)
+    with pytest.raises(Exception, match="FXQUANT_COMPILED_QUANTIZER must be one of traced_forward, op, traced"):
+        compiled(torch.randn(4))

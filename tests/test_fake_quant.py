@@ -1,10 +1,11 @@
-"""The fake-quant kernel against torch's fused learnable kernels (values and the LSQ/LSQ+ gradients)."""
+"""fake_quantize (the op, on this machine's kernel) against torch's fused learnable kernels (values and the LSQ/LSQ+
+gradients), the plain formula, and the dtype contract of bf16/fp16 inputs."""
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fxquant.quant import kernel as kernels
 from fxquant.quant.kernel import fake_quantize
 from fxquant.quant.quantizers import integer_range
 
@@ -79,9 +80,9 @@ def test_no_gradient_for_a_fixed_step():
     ties=st.booleans(),
     seed=st.integers(0, 10_000),
 )
-def test_eager_cpu_per_tensor_path_equals_the_general_kernel(bits, signed, with_offset, ties, seed):
-    """The Python-number path (eager CPU, one step) against the tensor path torch.compile traces: identical
-    values and input gradients, also when every x/s is an exact tie at and around the clipping edges."""
+def test_values_and_input_gradient_are_the_plain_formula(bits, signed, with_offset, ties, seed):
+    """fake_quantize against the formula written out: the input gradient passes where round(x/s) + z lies in
+    [Qn, Qp], also when every x/s is an exact tie at and around the clipping edges."""
     torch.manual_seed(seed)
     qmin, qmax = integer_range(bits, signed)
     zero_point = torch.tensor([float(torch.randint(qmin, qmax + 1, ()))]) if with_offset else None
@@ -91,26 +92,61 @@ def test_eager_cpu_per_tensor_path_equals_the_general_kernel(bits, signed, with_
         scale = torch.rand(1) + 0.05
         x = torch.randn(4, 5, 6) * 3
     upstream = torch.randn_like(x)
-    results = []
-    for apply in (
-        lambda *a: kernels._FakeQuantize.apply(*a[:5], None, a[5]),
-        lambda x, s, z, *rest: kernels._FakeQuantizePerTensorCPU.apply(
-            x, s, z, float(s), 0.0 if z is None else float(z), *rest
-        ),
-    ):
-        xs, ss = x.clone().requires_grad_(), scale.clone().requires_grad_()
-        zs = zero_point.clone().requires_grad_() if with_offset else None
-        y = apply(xs, ss, zs, qmin, qmax, 0.3)
-        (y * upstream).sum().backward()
-        results.append((y.detach(), xs.grad, ss.grad, zs.grad if with_offset else None))
-    (y_ref, gx_ref, gs_ref, gz_ref), (y, gx, gs, gz) = results
-    # and both against the plain formula: the input gradient passes where round(x/s) + z lies in [Qn, Qp]
+    xs = x.clone().requires_grad_()
+    y = fake_quantize(xs, scale, zero_point, qmin, qmax, None, 0.3)
+    (y * upstream).sum().backward()
     z = 0.0 if zero_point is None else float(zero_point)
     levels = torch.round(x * (1.0 / scale)) + z
-    torch.testing.assert_close(y_ref, (levels.clamp(qmin, qmax) - z) * scale, rtol=0, atol=0)
-    torch.testing.assert_close(gx_ref, upstream * ((levels >= qmin) & (levels <= qmax)), rtol=0, atol=0)
-    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
-    torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)
-    torch.testing.assert_close(gs, gs_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y.detach(), (levels.clamp(qmin, qmax) - z) * scale, rtol=0, atol=0)
+    torch.testing.assert_close(xs.grad, upstream * ((levels >= qmin) & (levels <= qmax)), rtol=0, atol=0)
+
+
+LOW_PRECISION = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@given(
+    bits=st.integers(2, 8),
+    per_channel=st.booleans(),
+    with_offset=st.booleans(),
+    input_range=st.sampled_from([None, (0.0, 6.0)]),
+    seed=st.integers(0, 10_000),
+)
+def test_a_low_precision_input_is_quantized_in_float32_and_rounded_once(
+    dtype, bits, per_channel, with_offset, input_range, seed
+):
+    """The dtype contract: a bf16/fp16 input gives the float32 result rounded to its dtype, an input gradient in its
+    dtype, and float32 step and offset gradients equal to those of the float32 input (the same numbers)."""
+    torch.manual_seed(seed)
+    qmin, qmax = integer_range(bits, not with_offset)
+    x = (torch.randn(6, 5, 4) * 3).to(dtype)
+    rows = 6 if per_channel else 1
+    scale = (torch.rand(rows) * 0.5 + 0.01).requires_grad_()
+    zero_point = torch.tensor([3.0], requires_grad=True) if with_offset else None
+    upstream = torch.randn_like(x)
+    results = []
+    for xs in (x.clone().requires_grad_(), x.float().requires_grad_()):
+        for t in (scale, zero_point):
+            if t is not None:
+                t.grad = None
+        y = fake_quantize(xs, scale, zero_point, qmin, qmax, 0 if per_channel else None, 0.1, input_range)
+        (y * upstream.to(y.dtype)).sum().backward()
+        results.append((y, xs.grad, scale.grad.clone(), None if zero_point is None else zero_point.grad.clone()))
+    (y, gx, gs, gz), (y32, gx32, gs32, gz32) = results
+    assert y.dtype == gx.dtype == dtype and gs.dtype == torch.float32
+    torch.testing.assert_close(y, y32.to(dtype), rtol=0, atol=0)
+    torch.testing.assert_close(gx, gx32.to(dtype), rtol=0, atol=0)
+    torch.testing.assert_close(gs, gs32, rtol=1e-5, atol=1e-5)
     if with_offset:
-        torch.testing.assert_close(gz, gz_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gz, gz32, rtol=1e-5, atol=1e-5)
+
+
+def test_the_smallest_step_survives_fp16():
+    """MIN_STEP (1e-8) is 0 in fp16: the step arithmetic stays float32, so an fp16 input with a collapsed step gives
+    finite values, not inf/NaN."""
+    x = torch.randn(32, dtype=torch.float16, requires_grad=True)
+    step = torch.tensor([0.0], requires_grad=True)
+    y = fake_quantize(x, step, None, -8, 7)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(step.grad).all()
+    torch.testing.assert_close(y, fake_quantize(x.detach().float(), step, None, -8, 7).half(), rtol=0, atol=0)

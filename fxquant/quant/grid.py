@@ -1,34 +1,41 @@
-"""Numbers every fake-quant kernel shares: the smallest step applied and the straight-through mask's bounds.
+"""Numbers and layout rules every fake-quant kernel shares: the smallest step applied, and how a tensor is seen as
+rows of one step each.
 
 Example usage::
 
-    below, above = exclusive_bounds(-8, 7)   # -8.5 (one float32 below, -8 is even), 7.5
+    rows_are_blocks(torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last))   # True
 """
 
 from __future__ import annotations
-
-import functools
-import math
 
 import torch
 
 MIN_STEP = 1e-8  # the smallest step applied (a learned step can be pushed to or through zero)
 MIN_STEP_F32 = float(torch.tensor(MIN_STEP, dtype=torch.float32))  # the same, as the float32 kernels see it
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
-@functools.lru_cache(maxsize=1024)  # called on every forward, with a handful of distinct ranges
-def exclusive_bounds(low: int, high: int) -> tuple[float, float]:
-    """Open-interval bounds (a, b) on v = x/s such that a < v < b exactly when round(v) ∈ [low, high] under
-    round-half-to-even: at a tie v = high + ½ rounds down (inside) when high is even, so b moves one float32
-    above the tie; the same below.
+def rows_are_blocks(x: torch.Tensor) -> bool:
+    """Whether each row of ``x`` along dim 0 is one block of its storage: dense in a format whose outermost
+    dimension is dim 0 (contiguous, or channels-last). A kernel can then run over the storage as flat rows.
 
     Example usage::
 
-        exclusive_bounds(0, 15)   # (-0.50000006, 15.5)
+        rows_are_blocks(torch.randn(4, 6).t())   # False: dim 0 is not outermost
     """
-    below, above = low - 0.5, high + 0.5
-    if low % 2 == 0:
-        below = float(torch.nextafter(torch.tensor(below), torch.tensor(-math.inf)))
-    if high % 2 == 0:
-        above = float(torch.nextafter(torch.tensor(above), torch.tensor(math.inf)))
-    return below, above
+    if x.is_contiguous():
+        return True
+    layout = _CHANNELS_LAST.get(x.dim())
+    return layout is not None and x.is_contiguous(memory_format=layout)
+
+
+def in_layout_of(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t`` (x's shape) with the strides of ``torch.empty_like(x)``, the layout fxquant's ops promise for their
+    outputs: ``t`` itself when it has them, else a copy.
+
+    Example usage::
+
+        y = in_layout_of(y_contiguous, x_channels_last)
+    """
+    out = torch.empty_like(x, dtype=t.dtype)
+    return t if out.stride() == t.stride() else out.copy_(t)

@@ -1,52 +1,38 @@
-"""Compile and load fxquant's fused CPU fake-quant kernel (``native/fake_quant.c``) and its eager op on first use.
+"""Compile fxquant's CPU fake-quant kernels and autograd node (``native/fake_quant.c`` and ``native/fake_quant_op.cpp``)
+into one shared library, on first use.
 
-Two builds, each into a per-user cache (``$FXQUANT_CACHE_DIR``, else ``$XDG_CACHE_HOME/fxquant``, else
-``~/.cache/fxquant``):
+The C passes are compiled as an object with the machine's C compiler (``$CC``, else ``cc``) and linked with the C++
+file, which is compiled against the installed torch's headers with its C++ compiler (``$CXX``, else ``c++``; C++20,
+which torch's headers need), in about 15 seconds, once per machine and torch version. :mod:`fxquant.quant.ops`
+loads the result with ``torch.ops.load_library``. The library goes into a per-user cache (``$FXQUANT_CACHE_DIR``,
+else ``$XDG_CACHE_HOME/fxquant``, else ``~/.cache/fxquant``) under a name that hashes the sources, the compilers'
+identities, the flags, the CPU's feature flags (the C file is built with ``-march=native``, so a home directory
+shared between different machines never loads a build made for another CPU) and torch's version and build.
 
-* :func:`native_library`: the C file alone, compiled with the machine's C compiler (``$CC``, else ``cc``) in about
-  a second and loaded with ``ctypes``. It has no dependency but the C library. The compiled backward op of
-  ``kernel.py`` calls it, and so does eager mode when the op below is unavailable.
-* :func:`native_eager_op`: ``native/fake_quant_op.cpp``, which registers ``fxquant::fake_quantize_eager`` (the same
-  C passes behind torch's dispatcher, with a C++ autograd node) and is linked with the C file compiled as an object.
-  It is compiled against the installed torch's headers with the C++ compiler (``$CXX``, else ``c++``; C++20, which
-  torch's headers need) in about 15 seconds, once per machine and torch version, and loaded with
-  ``torch.ops.load_library``. Eager quantizers call it: it saves the Python autograd node and the ctypes call of
-  each quantizer call.
-
-A cached file's name is a hash of its sources, the compilers' identities, the flags and the CPU's feature flags,
-since the C file is built with ``-march=native`` (a home directory shared between different machines never loads
-a build made for another CPU), and for the op also torch's version and build: a new torch gets a new build.
-
-Nothing happens at import time. Without a compiler, or when a build fails, the function warns once and returns None,
-and fxquant falls back: from the op to the ctypes kernel (same numerics, more cost per call), from the C library to
-the torch-ops kernel (same numerics, slower on CPU). ``FXQUANT_NATIVE_KERNEL=0`` turns both off and
-``FXQUANT_NATIVE_OP=0`` the op alone, without a warning.
+Nothing happens at import time. Without a compiler, or when a build fails, :func:`built_op_library` raises
+:class:`NativeKernelUnavailable` with a one-line reason, and the ops fall back to the torch-ops reference on CPU
+and to an autograd node in Python (same numerics, slower). ``FXQUANT_NATIVE_KERNEL=0`` asks for that fallback.
 
 Example usage::
 
-    lib = native_library()
-    print("native kernel" if lib is not None else "torch-ops kernel")
+    path = built_op_library()   # ~/.cache/fxquant/fake_quant_op-<hash>.so
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import hashlib
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
 import torch
 
-INTERFACE_VERSION = 3  # fxq_version() of a build this module can call
 _SOURCE = ("native", "fake_quant.c")
 _OP_SOURCE = ("native", "fake_quant_op.cpp")
 # -ffp-contract=off: x·(1/s) and the rounding must stay separate float32 operations, as in torch's kernels.
@@ -59,7 +45,7 @@ _OP_LIBRARIES = ("-lc10", "-ltorch_cpu")
 
 
 class NativeKernelUnavailable(RuntimeError):
-    """Why the native kernel could not be built or loaded (reported once, as a warning)."""
+    """Why the native library could not be built (reported once, as a warning, by :mod:`fxquant.quant.ops`)."""
 
 
 def cache_dir() -> Path:
@@ -77,83 +63,14 @@ def cache_dir() -> Path:
 
 
 def native_kernel_requested() -> bool:
-    """False when ``FXQUANT_NATIVE_KERNEL`` is ``0``/``false``/``no``/``off`` (read on every call: cheap).
+    """False when ``FXQUANT_NATIVE_KERNEL`` is ``0``/``false``/``no``/``off``. :mod:`fxquant.quant.ops` reads it
+    once per process, when it registers the ops.
 
     Example usage::
 
         native_kernel_requested()   # True unless the environment turned it off
     """
-    return _switched_on("FXQUANT_NATIVE_KERNEL")
-
-
-def _switched_on(variable: str) -> bool:
-    return os.environ.get(variable, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def native_library() -> ctypes.CDLL | None:
-    """The loaded kernel library, built on the first call; None when ``FXQUANT_NATIVE_KERNEL=0`` or (with one
-    warning) when it cannot be built.
-
-    Example usage::
-
-        lib = native_library()
-    """
-    return _loaded_library() if native_kernel_requested() else None
-
-
-@functools.cache
-def _loaded_library() -> ctypes.CDLL | None:
-    try:
-        return _load(_built_library())
-    except NativeKernelUnavailable as reason:
-        warnings.warn(
-            f"fxquant: the native CPU fake-quant kernel is unavailable ({reason}); using the torch-ops kernel "
-            "(same numerics, slower on CPU). Set FXQUANT_NATIVE_KERNEL=0 to silence this.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
-
-
-def native_eager_op() -> Callable[..., torch.Tensor] | None:
-    """``torch.ops.fxquant.fake_quantize_eager.default``, built and loaded on the first call; None when
-    ``FXQUANT_NATIVE_KERNEL=0`` or ``FXQUANT_NATIVE_OP=0``, when the C library is unavailable, or (with one warning)
-    when the op cannot be built. Its arguments are the tensors and :class:`~fxquant.quant.native_kernel.RowGrid`'s
-    numbers (see ``native/fake_quant_op.cpp``).
-
-    Example usage::
-
-        op = native_eager_op()
-        y = op(x, step, None, *native_kernel.native_grid(None, 0, 15, 0.01))  # a RowGrid is those numbers in order
-    """
-    if not (native_kernel_requested() and _switched_on("FXQUANT_NATIVE_OP")):
-        return None
-    return _loaded_op()
-
-
-@functools.cache  # one load per process: a second library registering the same op would be refused
-def _loaded_op() -> Callable[..., torch.Tensor] | None:
-    if _loaded_library() is None:
-        return None  # no C compiler or a failed C build: already reported once
-    try:
-        path = _built_op_library()
-        torch.ops.load_library(str(path))
-        op = torch.ops.fxquant.fake_quantize_eager.default
-    except (NativeKernelUnavailable, OSError, RuntimeError, AttributeError) as reason:
-        warnings.warn(
-            f"fxquant: the native eager fake-quant op is unavailable ({reason}); using the C kernel through ctypes "
-            "(same numerics, more time per call). Set FXQUANT_NATIVE_OP=0 to silence this.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
-    # Eager mode only calls it, but a tracer with fake tensors (make_fx, opcheck) needs its output's metadata.
-    torch.library.register_fake("fxquant::fake_quantize_eager")(_fake_quantize_eager_meta)
-    return op
-
-
-def _fake_quantize_eager_meta(x: torch.Tensor, *_: object) -> torch.Tensor:
-    return torch.empty_like(x)  # the op's output has x's shape and strides
+    return os.environ.get("FXQUANT_NATIVE_KERNEL", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _source_bytes() -> bytes:
@@ -197,24 +114,14 @@ def _cpu_features() -> str:
     return f"{platform.machine()} {platform.processor()}"
 
 
-def _built_library() -> Path:
-    source = _source_bytes()
-    compiler = _compiler()
-    identity = "\n".join([_compiler_identity(compiler), repr((_FLAGS, _VARIANTS)), _cpu_features()])
-    target = _cache_target("fake_quant", source, identity)
-    if target.exists():
-        return target
-    with _scratch_folder(target) as scratch:
-        c_file = scratch / "fake_quant.c"
-        c_file.write_bytes(source)
-        built = scratch / target.name
-        _compile_c(compiler, c_file, built, "-shared")
-        os.replace(built, target)  # atomic: a concurrent process sees the old state or the whole file
-    return target
+def built_op_library() -> Path:
+    """The ops' shared library (built on the first call, then taken from the cache): the C file compiled as an
+    object, linked with the C++ file against torch.
 
+    Example usage::
 
-def _built_op_library() -> Path:
-    """The eager op's shared library: the C file compiled as an object, linked with the C++ file against torch."""
+        torch.ops.load_library(str(built_op_library()))
+    """
     c_source, op_source = _source_bytes(), _op_source_bytes()
     compiler, cxx = _compiler(), _cxx_compiler()
     torch_folder = Path(torch.__file__).parent
@@ -266,7 +173,7 @@ def _scratch_folder(target: Path) -> Iterator[Path]:
 
 
 def _compile_c(compiler: str, c_file: Path, output: Path, mode: str) -> tuple[str, ...]:
-    """Compile the C file (``mode``: ``-shared`` or ``-c``) with the first flag variant the compiler accepts;
+    """Compile the C file (``mode``: ``-c`` for an object) with the first flag variant the compiler accepts;
     returns that variant."""
     error = ""
     for extra in _VARIANTS:
@@ -288,25 +195,3 @@ def _run_compiler(command: list[str], source: str) -> None:
         # the first error, not the "In file included from" lines before it
         first = next((line for line in lines if "error" in line), lines[0] if lines else "no message")
         raise NativeKernelUnavailable(f"{command[0]} could not compile {source}: {first.strip()}")
-
-
-def _load(path: Path) -> ctypes.CDLL:
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as error:
-        raise NativeKernelUnavailable(f"cannot load {path}: {error}") from error
-    lib.fxq_version.restype = ctypes.c_int
-    lib.fxq_version.argtypes = []
-    if lib.fxq_version() != INTERFACE_VERSION:
-        raise NativeKernelUnavailable(f"{path} has interface {lib.fxq_version()}, expected {INTERFACE_VERSION}")
-    pointer, count, number = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    lib.fxq_forward.restype = None
-    lib.fxq_forward.argtypes = [
-        pointer, pointer, count, count, pointer, number, number, number, number, number, ctypes.c_int,
-    ]  # fmt: skip
-    lib.fxq_backward.restype = ctypes.c_int
-    lib.fxq_backward.argtypes = [
-        pointer, pointer, pointer, count, count, pointer, number,
-        number, number, number, number, number, number, number, pointer, pointer, ctypes.c_int,
-    ]  # fmt: skip
-    return lib

@@ -13,9 +13,13 @@ step (scale), returning floats ("fake" quantization). The rewritten graph calls 
 * :class:`DynamicQuantizer` — ``per_token`` activations: each token's step (and zero point) from its own range,
   recomputed on every forward; nothing learned, nothing to initialise.
 
-Both call :func:`fxquant.fake_quant.fake_quantize` (vectorised elementwise ops with LSQ's gradients, several
-times faster on CPU than torch's fused fake-quant kernels, whose values and gradients it reproduces).
-The bit width is a plain attribute: ``q.bits = 3`` takes effect on the next forward, no re-preparation.
+All call :mod:`fxquant.quant.kernel` (fxquant's fake-quant ops: fused C on CPU, fused Triton on CUDA, LSQ's
+gradients). The bit width is a plain attribute: ``q.bits = 3`` takes effect on the next forward, no re-preparation.
+
+Devices and precision: a quantizer's state lives where the module is (``.to(device)`` moves it) and whatever it
+computes from data is computed on the data's device. Steps, offsets and observer statistics are float32 master
+values: a model cast to bf16 or fp16 keeps them float32 (:meth:`FakeQuantizer._apply`), a quantizer takes a bf16 or
+fp16 input and returns its dtype, and the grid arithmetic is float32.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import math
 import torch
 from torch import nn
 
-from fxquant.quant.kernel import MIN_STEP, clamp_input, fake_quantize
+from fxquant.quant import reference
+from fxquant.quant.kernel import MIN_STEP, clamp_input, fake_quantize, fake_quantize_per_token
 from fxquant.quant.spec import FULL_PRECISION_BITS, QuantizerConfig, check_bits
 
 from . import observers
@@ -50,7 +55,7 @@ class FakeQuantizer(nn.Module):
     in a buffer so that it travels with ``state_dict``.
     """
 
-    # Set by fxquant.distributed.initialize_quantizers while it runs: reduces initialisation statistics
+    # Set by fxquant.train.distributed.initialize_quantizers while it runs: reduces initialisation statistics
     # across data-parallel ranks, ``reduce(tensor, "sum" | "min" | "max") -> tensor``.
     reduce_statistics = None
 
@@ -159,6 +164,17 @@ class FakeQuantizer(nn.Module):
         self._signed = None if flag < 0 else bool(flag)
         self._is_initialized = bool(self.initialized)
 
+    def _apply(self, fn, recurse=True):
+        # Casting the model (model.half(), model.to(torch.bfloat16)) leaves steps, offsets and observer statistics
+        # float32: they are master values, and their gradients must survive fp16 (a 1e-8 step is 0 in fp16).
+        super()._apply(fn, recurse)
+        for tensor in (*self.parameters(), *self.buffers()):
+            if tensor.is_floating_point() and tensor.dtype != torch.float32:
+                tensor.data = tensor.data.float()
+                if tensor.grad is not None:
+                    tensor.grad.data = tensor.grad.data.float()
+        return self
+
     def _reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
         return t if self.reduce_statistics is None else self.reduce_statistics(t, op)
 
@@ -211,12 +227,6 @@ class FakeQuantizer(nn.Module):
         return float(scale.detach().min()), float(scale.detach().max())
 
 
-def _affine_grid(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step and zero point mapping [lo, hi] (lo ≤ 0 ≤ hi) onto the integers [qmin, qmax]."""
-    scale = ((hi - lo) / (qmax - qmin)).clamp(min=MIN_STEP)
-    return scale, (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
-
-
 class LSQQuantizer(FakeQuantizer):
     """Learned step size quantization; LSQ+ when ``config.learns_offset``.
 
@@ -252,22 +262,24 @@ class LSQQuantizer(FakeQuantizer):
         ``init = "mse"`` the clipping range of least squared quantization error."""
         self._decide_sign(x)
         qmin, qmax = self.qrange()
+        x = x.detach().float()  # statistics in float32 whatever the input's dtype
         if self.group_size is not None:
-            flat = self._grouped(x.detach())
+            flat = self._grouped(x)
         else:
-            flat = x.detach().reshape(1, -1) if self.ch_axis is None else self._per_channel_view(x)
+            flat = x.reshape(1, -1) if self.ch_axis is None else self._per_channel_view(x)
         if self.init == "mse":
             scale, zero_point = self._mse_range(flat, qmin, qmax)
         elif self.learn_offset:
-            scale, zero_point = _affine_grid(*self._min_max(flat), qmin, qmax)
+            scale, zero_point = reference.affine_grid(*self._min_max(flat), qmin, qmax)
         else:
             # mean |x| as sum / count, so that data-parallel ranks can add their parts exactly
             abs_sum = self._reduce(flat.abs().sum(dim=1, dtype=torch.float64), "sum")
-            count = self._reduce(torch.tensor([float(flat.shape[1])], dtype=torch.float64), "sum")
+            count = self._reduce(flat.new_full((1,), flat.shape[1], dtype=torch.float64), "sum")
             scale = (2 * (abs_sum / count).float() / math.sqrt(qmax)).clamp(min=MIN_STEP)
             zero_point = torch.zeros_like(scale)
-        self.scale.data = scale.to(self.scale.dtype)
-        self.zero_point.data = zero_point.to(self.scale.dtype)
+        # where the module lives (the data's device when the model and its input agree, as fit checks)
+        self.scale.data = scale.to(device=self.scale.device, dtype=torch.float32)
+        self.zero_point.data = zero_point.to(device=self.scale.device, dtype=torch.float32)
         self.mark_initialized()
 
     def _min_max(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,9 +304,9 @@ class LSQQuantizer(FakeQuantizer):
         if flat.shape[1] > self.MSE_SAMPLES:  # a strided subset scores the ranges: 64 passes over a big batch are slow
             flat = flat[:, :: -(-flat.shape[1] // self.MSE_SAMPLES)]
         candidates, errors = [], []
-        for alpha in torch.arange(1, self.MSE_GRID + 1) / self.MSE_GRID:
+        for alpha in torch.arange(1, self.MSE_GRID + 1, device=flat.device) / self.MSE_GRID:
             if self.learn_offset:
-                scale, zero_point = _affine_grid(alpha * lo, alpha * hi, qmin, qmax)
+                scale, zero_point = reference.affine_grid(alpha * lo, alpha * hi, qmin, qmax)
             else:
                 scale = (alpha * hi / qmax).clamp(min=MIN_STEP)
                 zero_point = torch.zeros_like(scale)
@@ -303,7 +315,7 @@ class LSQQuantizer(FakeQuantizer):
             errors.append(error.pow(2).sum(dim=1, dtype=torch.float64))
             candidates.append((scale, zero_point))
         best = self._reduce(torch.stack(errors), "sum").argmin(dim=0)  # per channel
-        channels = torch.arange(flat.shape[0])
+        channels = torch.arange(flat.shape[0], device=flat.device)
         scale = torch.stack([c[0] for c in candidates])[best, channels]
         zero_point = torch.stack([c[1] for c in candidates])[best, channels]
         return scale, zero_point
@@ -363,8 +375,8 @@ class LSQQuantizer(FakeQuantizer):
         grad_factor = self._gradient_scale(x)
         zero_point = self.zero_point if self.learn_offset else None
         if self.group_size is not None:
-            rows = self._grouped(clamp_input(x, self.input_clamp))
-            grouped = fake_quantize(rows, self._step(), zero_point, qmin, qmax, 0, grad_factor)
+            rows = self._grouped(x)
+            grouped = fake_quantize(rows, self._step(), zero_point, qmin, qmax, 0, grad_factor, self.input_clamp)
             return grouped.reshape(x.shape)
         return fake_quantize(x, self._step(), zero_point, qmin, qmax, self.ch_axis, grad_factor, self.input_clamp)
 
@@ -425,14 +437,14 @@ class ObserverQuantizer(FakeQuantizer):
             return x
         if self.observing and (self.training or not self._is_initialized):
             self._decide_sign(x)
-            self.observer(x.detach())
+            self.observer(x.detach().float())  # statistics in float32 whatever the input's dtype
             if self.reduce_statistics is not None:
                 observers.reduce_observed_range(self.observer, self.reduce_statistics)
             self._update_qparams()
         elif not self._is_initialized:
             return x
         qmin, qmax = self.qrange()
-        return fake_quantize(x, self.scale, self.zero_point.float(), qmin, qmax, self.ch_axis)
+        return fake_quantize(x, self.scale, self.zero_point, qmin, qmax, self.ch_axis)
 
     def _on_bits_changed(self, old: int, new: int) -> None:
         if not self.observing:
@@ -463,23 +475,12 @@ class DynamicQuantizer(FakeQuantizer):
         super().__init__(config, None, signed, role)
         self.mark_initialized()
 
-    def token_qparams(self, x: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(step, zero point or None) of each token of ``x`` on the grid [qmin, qmax], as flat vectors."""
-        rows = x.detach().reshape(-1, x.shape[-1])
-        if self.config.symmetric:
-            bound = rows.abs().amax(dim=1)
-            return (bound / qmax).clamp(min=MIN_STEP), None
-        lo, hi = rows.amin(dim=1).clamp(max=0), rows.amax(dim=1).clamp(min=0)
-        return _affine_grid(lo, hi, qmin, qmax)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_active:
             return x
         self._decide_sign(x)
         qmin, qmax = self.qrange()
-        scale, zero_point = self.token_qparams(x, qmin, qmax)
-        rows = fake_quantize(x.reshape(-1, x.shape[-1]), scale, zero_point, qmin, qmax, 0)
-        return rows.reshape(x.shape)
+        return fake_quantize_per_token(x, qmin, qmax, self.config.symmetric)
 
     def step_range(self) -> tuple[float, float] | None:
         return None  # dynamic: there is no stored step

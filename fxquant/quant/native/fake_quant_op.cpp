@@ -1,141 +1,258 @@
-// fxquant's eager fake-quant op: the passes of fake_quant.c behind torch's dispatcher, with the autograd node in C++.
+// fxquant's fake-quant ops behind torch's dispatcher: the CPU kernels (the passes of fake_quant.c) and the autograd
+// node, in C++.
 //
-// Why: in eager mode a quantizer's fixed cost per call, not its passes over memory, is most of what W4A4 adds to a
-// small-batch CNN step (mobilenet_v2 has 106 quantizers; on 2×3×32×32 images its W4A4 step costs 24 ms more than
-// FP's, on 32×3×64×64 images 27 ms). A Python autograd.Function calling the C passes through ctypes pays for the
-// Python node, the ctypes marshalling and a Python backward on every call; this op pays for one dispatcher call
-// forward and a C++ node backward (benchmarks/overhead.py measures both, side by side).
+// The ops are defined (their schemas) by fxquant/quant/ops.py, which loads this library after defining them:
+//   fxquant::fake_quantize(x, scale, zero_point, qmin, qmax, grad_factor, input_low, input_high) -> y
+//   fxquant::fake_quantize_backward(grad, x, scale, zero_point, qmin, qmax, grad_factor, input_low, input_high,
+//                                   output_mask) -> (grad_x, grad_scale, grad_offset)
+//   fxquant::fake_quantize_dynamic(x, qmin, qmax, symmetric) -> y
+// This file registers:
+// * for CPU, the two passes of fake_quant.c (float32 arithmetic; bf16/fp16 tensors are widened to float32 and the
+//   results rounded back, which is exact for the gradient and what the reference does for the values);
+// * for Autograd (every device), the node: its forward re-dispatches fxquant::fake_quantize below autograd and its
+//   backward calls fxquant::fake_quantize_backward through the dispatcher, so each device's kernel is reached
+//   (C here on CPU, Triton on CUDA, the torch-ops reference elsewhere; ops.py registers those). Only x, the step
+//   and the offset are saved: the quantized value is recomputed in the backward pass. fake_quantize_dynamic's node
+//   saves nothing: its gradient passes straight through.
 //
-// The op, fxquant::fake_quantize_eager, is registered for Autograd (a torch::autograd::Function) and for CPU (the
-// forward alone: inference mode, or a caller below autograd). Its arguments are those of fake_quant.c's passes:
-// the integer clamp range after the offset shift (low, high), the straight-through mask's open bounds (below,
-// above), the smallest step applied, LSQ's gradient factor and the fused input clamp (-inf, +inf: none), all
-// computed by fxquant/quant/native_kernel.py's native_grid. zero_point is only the tensor its gradient goes to: its
-// rounded value is already folded into low and high. The values and gradients are those of the ctypes path, bit
-// for bit, since both run the same C passes.
+// Why the node is C++ and not torch.library.register_autograd: a quantizer call is mostly fixed cost on a small
+// CNN (mobilenet_v2 has 106 quantizers), and the Python autograd path costs several times more per call.
 //
 // Built and loaded by fxquant/quant/native_build.py (linked with fake_quant.c compiled as C into an object).
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <array>
+#include <cmath>
+
 extern "C" {
-void fxq_forward(const float *x, float *out, int64_t rows, int64_t inner, const float *scale, float min_step,
-                 float low, float high, float in_low, float in_high, int threads);
+void fxq_forward(const float *x, float *out, int64_t rows, int64_t inner, const float *scale, int64_t scale_stride,
+                 const float *offset, int64_t offset_stride, float min_step, float qmin, float qmax, float in_low,
+                 float in_high, int threads);
 int fxq_backward(const float *grad, const float *x, float *grad_x, int64_t rows, int64_t inner, const float *scale,
-                 float min_step, float low, float high, float below, float above, float in_low, float in_high,
-                 float grad_factor, float *grad_scale, float *grad_offset, int threads);
+                 int64_t scale_stride, const float *offset, int64_t offset_stride, float min_step, float qmin,
+                 float qmax, float in_low, float in_high, float grad_factor, float *grad_scale, float *grad_offset,
+                 int threads);
 }
 
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+using Mask = std::array<bool, 3>;
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-struct Grid {
-  double low, high, below, above, min_step, grad_factor, input_low, input_high;
+constexpr double kMinStep = 1e-8;  // fxquant/quant/grid.py's MIN_STEP, as a float32 in the passes
+
+// Whether the passes can run over x where it lies: dense in a format whose outermost dimension is dim 0
+// (contiguous, channels-last), so each row along dim 0 is one block of storage.
+bool rows_are_blocks(const at::Tensor &x) {
+  return x.is_contiguous() || (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+         (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d));
+}
+
+// x as float32 in a layout the passes run over: itself when it already is.
+at::Tensor as_blocks(const at::Tensor &x) {
+  at::Tensor t = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  return rows_are_blocks(t) ? t : t.contiguous();
+}
+
+// t (computed over `blocks`, x's shape) in x's dtype with the strides of at::empty_like(x): what the fake kernel says.
+at::Tensor like_x(const at::Tensor &t, const at::Tensor &x) {
+  at::Tensor out = at::empty_like(x);
+  if (out.strides() == t.strides() && out.scalar_type() == t.scalar_type()) return t;
+  return out.copy_(t);
+}
+
+struct Rows {
+  int64_t rows, inner, scale_stride, offset_stride;
 };
 
-// The layout in which x is dense with dim 0 outermost (contiguous or channels-last), as native_kernel.dense_format
-// decides: the passes run over storage in that order, one row per step along dim 0.
-std::optional<at::MemoryFormat> dense_format(const at::Tensor &x) {
-  if (x.is_contiguous()) return at::MemoryFormat::Contiguous;
-  if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
-  if (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d)) return at::MemoryFormat::ChannelsLast3d;
-  return std::nullopt;
-}
-
 // What the passes assume, checked on every call: a wrong caller gets an error, not a read past a buffer.
-void check_arguments(const at::Tensor &x, const at::Tensor &scale, const std::optional<at::Tensor> &zero_point) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "fxquant::fake_quantize_eager: x must be a "
-              "float32 CPU tensor, got ", x.scalar_type(), " on ", x.device());
-  TORCH_CHECK(dense_format(x).has_value(), "fxquant::fake_quantize_eager: x must be contiguous or channels-last");
-  TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == at::kFloat && scale.is_contiguous(),
-              "fxquant::fake_quantize_eager: scale must be a contiguous float32 CPU tensor");
-  const int64_t rows = scale.numel();
-  TORCH_CHECK(x.numel() > 0 && rows > 0 && (rows == 1 || (x.dim() > 0 && x.size(0) == rows)),
-              "fxquant::fake_quantize_eager: scale must hold one step, or one per row of x along dim 0 (x ",
-              x.sizes(), ", scale ", scale.sizes(), ")");
-  TORCH_CHECK(!zero_point.has_value() || zero_point->numel() == 1,
-              "fxquant::fake_quantize_eager: zero_point must hold one offset (per-row offsets are not supported)");
+Rows check_arguments(const char *op, const at::Tensor &x, const at::Tensor &scale,
+                     const std::optional<at::Tensor> &zero_point) {
+  TORCH_CHECK(x.device().is_cpu() && at::isFloatingType(x.scalar_type()), op,
+              ": x must be a floating-point CPU tensor, got ", x.scalar_type(), " on ", x.device());
+  TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == at::kFloat, op,
+              ": scale must be a float32 CPU tensor, got ", scale.scalar_type(), " on ", scale.device());
+  const int64_t steps = scale.numel();
+  TORCH_CHECK(steps == 1 || (x.dim() > 0 && x.size(0) == steps), op,
+              ": scale must hold one step, or one per row of x along dim 0 (x ", x.sizes(), ", scale ",
+              scale.sizes(), ")");
+  int64_t offsets = 0;
+  if (zero_point.has_value() && zero_point->defined()) {
+    offsets = zero_point->numel();
+    TORCH_CHECK(zero_point->device().is_cpu() && zero_point->scalar_type() == at::kFloat, op,
+                ": zero_point must be a float32 CPU tensor");
+    TORCH_CHECK(offsets == 1 || offsets == steps, op, ": zero_point must hold one offset, or one per step (",
+                offsets, " offsets, ", steps, " steps)");
+  }
+  const int64_t rows = std::max(steps, offsets);
+  return Rows{rows, rows ? x.numel() / rows : 0, steps == 1 ? 0 : 1, offsets == 1 ? 0 : 1};
 }
 
-at::Tensor forward_pass(const at::Tensor &x, const at::Tensor &scale, const Grid &g) {
-  at::Tensor out = at::empty_like(x);  // x is dense: the same strides, so the same storage order
-  const int64_t rows = scale.numel();
-  fxq_forward(x.const_data_ptr<float>(), out.mutable_data_ptr<float>(), rows, x.numel() / rows,
-              scale.const_data_ptr<float>(), g.min_step, g.low, g.high, g.input_low, g.input_high,
-              at::get_num_threads());
-  return out;
+const float *offset_data(const std::optional<at::Tensor> &zero_point, at::Tensor &keep) {
+  if (!zero_point.has_value() || !zero_point->defined()) return nullptr;
+  keep = zero_point->contiguous();
+  return keep.const_data_ptr<float>();
+}
+
+at::Tensor forward_cpu(const at::Tensor &x, const at::Tensor &scale, const std::optional<at::Tensor> &zero_point,
+                       int64_t qmin, int64_t qmax, double grad_factor, double input_low, double input_high) {
+  const Rows r = check_arguments("fxquant::fake_quantize", x, scale, zero_point);
+  if (x.numel() == 0) return at::empty_like(x);
+  const at::Tensor blocks = as_blocks(x), steps = scale.contiguous();
+  at::Tensor offsets;
+  const float *offset = offset_data(zero_point, offsets);
+  at::Tensor out = at::empty_like(blocks);  // the same strides as the dense blocks, so the same storage order
+  fxq_forward(blocks.const_data_ptr<float>(), out.mutable_data_ptr<float>(), r.rows, r.inner,
+              steps.const_data_ptr<float>(), r.scale_stride, offset, r.offset_stride, kMinStep, qmin, qmax,
+              input_low, input_high, at::get_num_threads());
+  return like_x(out, x);
+}
+
+Grads backward_cpu(const at::Tensor &grad, const at::Tensor &x, const at::Tensor &scale,
+                   const std::optional<at::Tensor> &zero_point, int64_t qmin, int64_t qmax, double grad_factor,
+                   double input_low, double input_high, Mask mask) {
+  const Rows r = check_arguments("fxquant::fake_quantize_backward", x, scale, zero_point);
+  TORCH_CHECK(grad.sizes() == x.sizes(), "fxquant::fake_quantize_backward: grad ", grad.sizes(), " and x ",
+              x.sizes(), " differ in shape");
+  const bool has_offset = zero_point.has_value() && zero_point->defined();
+  at::Tensor grad_x = mask[0] ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor grad_scale = mask[1] ? at::zeros_like(scale) : at::empty({0}, scale.options());
+  at::Tensor grad_offset = mask[2] && has_offset ? at::zeros_like(*zero_point) : at::empty({0}, scale.options());
+  if (x.numel() == 0) return {grad_x, grad_scale, grad_offset};
+  const at::Tensor blocks = as_blocks(x), steps = scale.contiguous();
+  // grad brought to the storage order of the blocks
+  const at::Tensor g = grad.to(at::kFloat).contiguous(blocks.suggest_memory_format());
+  at::Tensor offsets;
+  const float *offset = offset_data(zero_point, offsets);
+  at::Tensor gx = mask[0] ? at::empty_like(blocks) : at::Tensor();
+  // the sums are per row (per step); with one offset shared by several steps they are added up afterwards
+  at::Tensor row_scale = mask[1] ? at::empty({r.rows}, scale.options()) : at::Tensor();
+  at::Tensor row_offset = mask[2] && has_offset ? at::empty({r.rows}, scale.options()) : at::Tensor();
+  const int status = fxq_backward(
+      g.const_data_ptr<float>(), blocks.const_data_ptr<float>(), mask[0] ? gx.mutable_data_ptr<float>() : nullptr,
+      r.rows, r.inner, steps.const_data_ptr<float>(), r.scale_stride, offset, r.offset_stride, kMinStep, qmin, qmax,
+      input_low, input_high, grad_factor, mask[1] ? row_scale.mutable_data_ptr<float>() : nullptr,
+      row_offset.defined() ? row_offset.mutable_data_ptr<float>() : nullptr, at::get_num_threads());
+  TORCH_CHECK(status == 0, "fxquant's native kernel could not allocate sums for ", r.rows, " rows");
+  if (mask[0]) grad_x = like_x(gx.to(grad.scalar_type()), x);
+  if (mask[1]) grad_scale.view(-1).copy_(scale.numel() == r.rows ? row_scale : row_scale.sum().reshape(1));
+  if (row_offset.defined())
+    grad_offset.view(-1).copy_(zero_point->numel() == r.rows ? row_offset : row_offset.sum().reshape(1));
+  return {grad_x, grad_scale, grad_offset};
+}
+
+// The ops as the dispatcher knows them, looked up once (ops.py defines them before loading this library).
+c10::TypedOperatorHandle<at::Tensor(const at::Tensor &, const at::Tensor &, const std::optional<at::Tensor> &,
+                                    int64_t, int64_t, double, double, double)> &
+forward_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fxquant::fake_quantize", "")
+                       .typed<at::Tensor(const at::Tensor &, const at::Tensor &, const std::optional<at::Tensor> &,
+                                         int64_t, int64_t, double, double, double)>();
+  return op;
+}
+
+c10::TypedOperatorHandle<Grads(const at::Tensor &, const at::Tensor &, const at::Tensor &,
+                               const std::optional<at::Tensor> &, int64_t, int64_t, double, double, double, Mask)> &
+backward_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fxquant::fake_quantize_backward", "")
+                       .typed<Grads(const at::Tensor &, const at::Tensor &, const at::Tensor &,
+                                    const std::optional<at::Tensor> &, int64_t, int64_t, double, double, double,
+                                    Mask)>();
+  return op;
+}
+
+c10::TypedOperatorHandle<at::Tensor(const at::Tensor &, int64_t, int64_t, bool)> &dynamic_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fxquant::fake_quantize_dynamic", "")
+                       .typed<at::Tensor(const at::Tensor &, int64_t, int64_t, bool)>();
+  return op;
 }
 
 class FakeQuantizeFunction : public torch::autograd::Function<FakeQuantizeFunction> {
  public:
   static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &scale,
-                            const std::optional<at::Tensor> &zero_point, double low, double high, double below,
-                            double above, double min_step, double grad_factor, double input_low,
-                            double input_high) {
-    const Grid g{low, high, below, above, min_step, grad_factor, input_low, input_high};
-    at::Tensor out = forward_pass(x, scale, g);
-    // Only x and the step are saved: the quantized value is recomputed from x in the backward pass. The step is
-    // read again there, and autograd's version check refuses it if it was changed in place meanwhile.
-    ctx->save_for_backward({x, scale});
-    ctx->saved_data["grid"] = std::vector<double>{low, high, below, above, min_step, grad_factor, input_low,
-                                                  input_high};
-    ctx->saved_data["has_offset"] = zero_point.has_value() && zero_point->defined();
+                            const std::optional<at::Tensor> &zero_point, int64_t qmin, int64_t qmax,
+                            double grad_factor, double input_low, double input_high) {
+    at::Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      out = forward_op().call(x, scale, zero_point, qmin, qmax, grad_factor, input_low, input_high);
+    }
+    // Only x, the step and the offset are saved; x in its own dtype. They are read again in backward, and
+    // autograd's version check refuses them if they were changed in place meanwhile.
+    const bool has_offset = zero_point.has_value() && zero_point->defined();
+    ctx->save_for_backward({x, scale, has_offset ? *zero_point : at::Tensor()});
+    ctx->saved_data["numbers"] = std::vector<double>{static_cast<double>(qmin), static_cast<double>(qmax),
+                                                     grad_factor, input_low, input_high};
+    ctx->saved_data["has_offset"] = has_offset;
     return out;
   }
 
   static variable_list backward(AutogradContext *ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &scale = saved[1];
-    const std::vector<double> v = ctx->saved_data["grid"].toDoubleVector();
-    const Grid g{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]};
+    const std::vector<double> n = ctx->saved_data["numbers"].toDoubleVector();
     const bool has_offset = ctx->saved_data["has_offset"].toBool();
-    // needs_input_grad counts the tensor inputs that were given: x, scale and, with an offset, zero_point.
-    const bool want_scale = ctx->needs_input_grad(1);
-    const bool want_offset = has_offset && ctx->needs_input_grad(2);
-    const at::Tensor grad = grads[0].contiguous(*dense_format(x));  // brought to x's storage order
-    const int64_t rows = scale.numel();
-    at::Tensor grad_x = at::empty_like(x);
-    at::Tensor grad_scale = want_scale ? at::empty_like(scale) : at::Tensor();
-    at::Tensor grad_offset = want_offset ? at::empty_like(scale) : at::Tensor();
-    const int status = fxq_backward(
-        grad.const_data_ptr<float>(), x.const_data_ptr<float>(), grad_x.mutable_data_ptr<float>(), rows,
-        x.numel() / rows, scale.const_data_ptr<float>(), g.min_step, g.low, g.high, g.below, g.above, g.input_low,
-        g.input_high, g.grad_factor, want_scale ? grad_scale.mutable_data_ptr<float>() : nullptr,
-        want_offset ? grad_offset.mutable_data_ptr<float>() : nullptr, at::get_num_threads());
-    TORCH_CHECK(status == 0, "fxquant's native kernel could not allocate sums for ", rows, " rows");
+    const std::optional<at::Tensor> zero_point = has_offset ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
+    const Mask mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1), has_offset && ctx->needs_input_grad(2)};
+    auto [grad_x, grad_scale, grad_offset] =
+        backward_op().call(grads[0], saved[0], saved[1], zero_point, static_cast<int64_t>(n[0]),
+                           static_cast<int64_t>(n[1]), n[2], n[3], n[4], mask);
     // one gradient per forward argument: the numbers get none
-    return {ctx->needs_input_grad(0) ? grad_x : at::Tensor(), grad_scale, grad_offset, at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {mask[0] ? grad_x : at::Tensor(), mask[1] ? grad_scale : at::Tensor(), mask[2] ? grad_offset : at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
-at::Tensor fake_quantize_autograd(const at::Tensor &x, const at::Tensor &scale,
-                                  const std::optional<at::Tensor> &zero_point, double low, double high, double below,
-                                  double above, double min_step, double grad_factor, double input_low,
-                                  double input_high) {
-  check_arguments(x, scale, zero_point);
-  return FakeQuantizeFunction::apply(x, scale, zero_point, low, high, below, above, min_step, grad_factor,
-                                     input_low, input_high);
+bool any_requires_grad(const at::Tensor &x, const at::Tensor &scale, const std::optional<at::Tensor> &zero_point) {
+  return x.requires_grad() || scale.requires_grad() ||
+         (zero_point.has_value() && zero_point->defined() && zero_point->requires_grad());
 }
 
-at::Tensor fake_quantize_cpu(const at::Tensor &x, const at::Tensor &scale, const std::optional<at::Tensor> &zero_point,
-                             double low, double high, double below, double above, double min_step,
-                             double grad_factor, double input_low, double input_high) {
-  check_arguments(x, scale, zero_point);
-  return forward_pass(x, scale, Grid{low, high, below, above, min_step, grad_factor, input_low, input_high});
+at::Tensor forward_autograd(const at::Tensor &x, const at::Tensor &scale, const std::optional<at::Tensor> &zero_point,
+                            int64_t qmin, int64_t qmax, double grad_factor, double input_low, double input_high) {
+  if (!at::GradMode::is_enabled() || !any_requires_grad(x, scale, zero_point)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // nothing to record: no node, nothing saved
+    return forward_op().call(x, scale, zero_point, qmin, qmax, grad_factor, input_low, input_high);
+  }
+  return FakeQuantizeFunction::apply(x, scale, zero_point, qmin, qmax, grad_factor, input_low, input_high);
+}
+
+class DynamicFunction : public torch::autograd::Function<DynamicFunction> {
+ public:
+  static at::Tensor forward(AutogradContext *, const at::Tensor &x, int64_t qmin, int64_t qmax, bool symmetric) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return dynamic_op().call(x, qmin, qmax, symmetric);
+  }
+
+  // Every value lies inside its own token's range: the gradient passes straight through, and nothing is saved.
+  static variable_list backward(AutogradContext *, variable_list grads) {
+    return {grads[0], at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor dynamic_autograd(const at::Tensor &x, int64_t qmin, int64_t qmax, bool symmetric) {
+  if (!at::GradMode::is_enabled() || !x.requires_grad()) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return dynamic_op().call(x, qmin, qmax, symmetric);
+  }
+  return DynamicFunction::apply(x, qmin, qmax, symmetric);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fxquant, m) {
-  m.def(
-      "fake_quantize_eager(Tensor x, Tensor scale, Tensor? zero_point, float low, float high, float below, "
-      "float above, float min_step, float grad_factor, float input_low, float input_high) -> Tensor");
+TORCH_LIBRARY_IMPL(fxquant, CPU, m) {
+  m.impl("fake_quantize", &forward_cpu);
+  m.impl("fake_quantize_backward", &backward_cpu);
 }
 
-TORCH_LIBRARY_IMPL(fxquant, Autograd, m) { m.impl("fake_quantize_eager", &fake_quantize_autograd); }
-
-TORCH_LIBRARY_IMPL(fxquant, CPU, m) { m.impl("fake_quantize_eager", &fake_quantize_cpu); }
+TORCH_LIBRARY_IMPL(fxquant, Autograd, m) {
+  m.impl("fake_quantize", &forward_autograd);
+  m.impl("fake_quantize_dynamic", &dynamic_autograd);
+}
