@@ -24,6 +24,7 @@ from fxquant.errors import FxQuantError, RecipeError, printable
 from fxquant.qat_model import QATModel
 from fxquant.quant.quantizers import FakeQuantizer
 from fxquant.quant.spec import bits_problem
+from fxquant.train.devices import model_device, resolve_device
 
 FORMAT = "fxquant-checkpoint/1"
 
@@ -195,15 +196,20 @@ def load(
     *,
     concrete_args: dict[str, Any] | None = None,
     float_model: nn.Module | None = None,
+    map_location: str | torch.device | None = None,
 ) -> QATModel:
     """Re-prepare ``model`` (the float architecture; its weights are replaced) with the recipe stored in
     ``path`` and load the saved state. ``concrete_args`` must be given again if prepare_qat had them; a recipe
-    whose losses distil from the FP model needs that model as ``float_model`` to go on training.
+    whose losses distil from the FP model needs that model as ``float_model`` to go on training. The loaded model
+    is where ``model`` is, or on ``map_location`` when given (a checkpoint saved on a GPU loads on a CPU-only
+    machine, and the other way round).
 
     Example usage::
 
         qmodel = fxquant.load("resnet20_w4a4.pt", fxquant.models.resnet20())
+        qmodel = fxquant.load("resnet20_w4a4.pt", fxquant.models.resnet20(), map_location="cuda")
     """
+    device = resolve_device(map_location, model) if map_location is not None else model_device(model)
     payload = read(path)
     if payload["concrete_args"] and not concrete_args:
         raise CheckpointError(
@@ -246,4 +252,4 @@ def load(
         qmodel.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as err:
         raise CheckpointError(f"{path}: the saved state does not fit this model: {_first_line(err, 400)}") from None
-    return qmodel
+    return qmodel.to(device)

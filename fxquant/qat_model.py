@@ -127,7 +127,23 @@ class QATModel(nn.Module):
         self._float = _Outside(float_model)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not torch.compiler.is_compiling():
+            self._check_input_devices(args)
         return self.model(*args, **kwargs)
+
+    def _check_input_devices(self, args: tuple[Any, ...]) -> None:
+        """A clear error for the common slip of feeding a batch that is not where the model is (instead of torch's
+        "Expected all tensors to be on the same device" from deep inside the graph)."""
+        probe = next(self.model.parameters(), None)
+        if probe is None:
+            return
+        for i, arg in enumerate(args):
+            if isinstance(arg, torch.Tensor) and arg.dim() > 0 and arg.device != probe.device:  # 0-dim CPU: fine
+                raise FxQuantError(
+                    f"the model is on {probe.device} but its input {i} is on {arg.device}: move the batch there "
+                    f"(x.to({str(probe.device)!r})); fxquant.fit, TrainStep, calibrate and evaluate move batches "
+                    "to the model's device themselves"
+                )
 
     # -- the float model ----------------------------------------------------------------------------------------
     @property

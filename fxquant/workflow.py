@@ -1,8 +1,8 @@
 """``fit`` and ``calibrate``: the run a recipe declares, composed from the rooms below.
 
-``fit`` sets up data parallelism and loaders, runs a recipe's ``[search]`` (once: a model that already has a
-bit plan keeps it), calibrates the quantizers, builds the teacher and coreset selection the recipe asks for,
-then trains epoch by epoch (:mod:`fxquant.train.loop`) and evaluates.
+``fit`` sets up data parallelism, the device and precision, and loaders, runs a recipe's ``[search]`` (once: a
+model that already has a bit plan keeps it), calibrates the quantizers, builds the teacher and coreset selection
+the recipe asks for, then trains epoch by epoch (:mod:`fxquant.train.loop`) and evaluates.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from fxquant.quant.controls import quantizers_of
 from fxquant.quant.quantizers import ObserverQuantizer
 from fxquant.search.from_recipe import search_for_recipe
 from fxquant.train import coreset, distributed
+from fxquant.train.devices import Precision, loader_options, model_device, resolve_device
 from fxquant.train.loop import EpochRecord, evaluate, make_loader, progress_bar, run_epoch
 from fxquant.train.optim import make_optimizer
 from fxquant.train.step import TrainStep
@@ -36,8 +37,9 @@ def calibrate(model: nn.Module, *inputs: Any, max_batches: int = 8) -> int:
     up to ``max_batches`` batches (forwards in training mode without gradients; batch-norm statistics are left
     as they were; statistics are reduced across data-parallel ranks). ``inputs`` are one batch of model inputs,
     or a single iterable of batches (a DataLoader; a batch is a tensor or an ``(x, y, ...)`` tuple whose first
-    item is the input). Returns how many quantizers were initialised. ``fit`` calls it on its first batch;
-    call it yourself before ``torch.compile(qmodel)`` or a training loop of your own.
+    item is the input); batches are moved to the model's device. Returns how many quantizers were initialised.
+    ``fit`` calls it on its first batch; call it yourself before ``torch.compile(qmodel)`` or a training loop of
+    your own.
 
     Example usage::
 
@@ -90,6 +92,7 @@ def fit(
     seed: int = 0,
     distributed_mode: str = "auto",
     compile: bool | None = None,
+    device: str | torch.device | None = None,
 ) -> list[EpochRecord]:
     """Train ``model`` for ``config.epochs`` epochs (default: its recipe's ``[train]``), evaluating each epoch.
 
@@ -99,20 +102,27 @@ def fit(
     identically on every rank, evaluation is sharded, and only rank 0 shows progress. Works for a float model
     too (no recipe: plain training). Returns one record per epoch (the same on every rank).
 
-    The quantizers are calibrated on the first batch before the first step. ``compile=True`` (default: the
-    config's ``compile``) then trains through ``torch.compile``: the quantizers trace without graph breaks, so
+    The model is moved to ``device`` (default: the config's ``device``, ``"auto"``: the model's GPU if it is on
+    one, else this process's CUDA device when there is one, else the CPU), and every batch follows it; the
+    config's ``precision`` (``fp32``, ``bf16``, ``fp16``) runs the forwards under autocast (fp16 with a gradient
+    scaler). The quantizers are calibrated on the first batch before the first step. ``compile=True`` (default:
+    the config's ``compile``) then trains through ``torch.compile``: the quantizers trace without graph breaks, so
     the compiler can fuse each quantize-dequantize into its neighbours. Evaluation stays eager.
 
     Example usage::
 
         history = fxquant.fit(qmodel, fashion_mnist("train", augment="standard"), fashion_mnist("test"))
+        history = fxquant.fit(qmodel, train, test, {"precision": "bf16"}, device="cuda")
     """
     config = train_config(model, config)
     if compile is not None:
         config = config.override(compile=compile)
     info = distributed.setup(distributed_mode)
-    train_loader = make_loader(train_data, config.batch_size, True, seed, info)
-    test_loader = make_loader(test_data, 512, False, seed, info) if test_data is not None else None
+    target = resolve_device(device if device is not None else config.device, model)
+    precision = Precision.of(config.precision, target)  # refused before anything moves or trains
+    model.to(target)
+    train_loader = make_loader(train_data, config.batch_size, True, seed, info, target)
+    test_loader = make_loader(test_data, 512, False, seed, info, target) if test_data is not None else None
     if len(train_loader) == 0:
         raise ValueError(
             f"the training data ({len(train_loader.dataset)} samples) is smaller than one batch "
@@ -126,10 +136,13 @@ def fit(
     calibrate(model, first_x)
     optimizer = make_optimizer(model, config)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    trained = nn.parallel.DistributedDataParallel(model) if info.enabled else model
+    trained = model
+    if info.enabled:  # one device per rank
+        device_ids = [target.index] if target.type == "cuda" else None
+        trained = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if config.compile:
         trained = torch.compile(trained)
-    step = TrainStep(trained, optimizer, criterion, ce_weight=config.ce_weight)
+    step = TrainStep(trained, optimizer, criterion, ce_weight=config.ce_weight, precision=precision)
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # after TrainStep: it adds the losses' own parameters
     step.total_epochs = float(config.epochs)
     selector, train_loader = _coreset(model, recipe, train_data, train_loader, config, seed, info)
@@ -150,7 +163,7 @@ def fit(
             if hasattr(train_loader.sampler, "set_epoch"):
                 train_loader.sampler.set_epoch(epoch)
             totals = run_epoch(step, train_loader, epoch, config, base_lrs, description, bar, task, info.world_size)
-            summed = torch.tensor([totals.seen, totals.loss_sum, totals.acc_sum], dtype=torch.float64)
+            summed = torch.tensor([totals.seen, totals.loss_sum, totals.acc_sum], dtype=torch.float64, device=target)
             seen, loss_sum, acc_sum = distributed.all_reduce(summed).tolist()
             result = evaluate(model, test_loader) if test_loader is not None else {"top1": None, "loss": None}
             history.append(
@@ -188,7 +201,8 @@ def _coreset(
     selector = coreset.CoresetSelector(recipe.coreset, config.epochs)
     sampler = coreset.CoresetSampler(torch.arange(len(train_data)), info, seed)
     per_rank = config.batch_size // info.world_size
-    return selector, DataLoader(train_data, batch_size=per_rank, sampler=sampler, drop_last=True)
+    options = loader_options(model_device(model))
+    return selector, DataLoader(train_data, batch_size=per_rank, sampler=sampler, drop_last=True, **options)
 
 
 def _coreset_teacher(model: QATModel, step: TrainStep) -> nn.Module | None:

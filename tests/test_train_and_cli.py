@@ -140,7 +140,7 @@ def test_fit_stops_with_a_clear_error_when_the_loss_diverges():
     x[3, 0, 5, 5] = float("inf")  # one bad pixel: the loss is not finite from the first step
     data = torch.utils.data.TensorDataset(x, torch.arange(16) % 10)
     qmodel = fxquant.prepare_qat(resnet20(), "lsq_w4a4")
-    with pytest.raises(FxQuantError, match=r"training diverged: the loss is nan at epoch 1, step 1.*init = \"mse\""):
+    with pytest.raises(FxQuantError, match=r"training diverged: the loss is nan by epoch 1, step 1.*init = \"mse\""):
         fxquant.fit(qmodel, data, None, {"epochs": 1, "batch_size": 16}, progress=False)
 
 

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
+import torch
+
 from fxquant.quant.spec import QuantizerConfig, bits_problem
 from fxquant.quant.taps import parse_selector
 
@@ -22,6 +24,21 @@ from .fields import Section, fraction, non_negative, open_unit, positive, probab
 
 def _bits(value: Any) -> str | None:
     return bits_problem(value)
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def device_problem(value: Any) -> str | None:
+    """Why ``value`` is not a device setting (``auto``, ``cpu``, ``cuda``, ``cuda:N`` or another torch device), or
+    None. Whether that device exists here is checked when a run starts, not when a recipe is read."""
+    if value == "auto":
+        return None
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError):
+        return f"must be auto, cpu, cuda, cuda:N or another torch device; got {value!r}"
+    return None
 
 
 def selector_problem(value: str) -> str | None:
@@ -163,6 +180,12 @@ class TrainConfig(Section):
         1.0, check=non_negative, doc="weight of the cross-entropy; 0 with a kd loss = KD-only (ACS's protocol)"
     )
     compile: bool = setting(False, doc="torch.compile the training forward and backward (after calibration)")
+    device: str = setting(
+        "auto", check=device_problem, doc="auto (the model's GPU, else CUDA when present, else CPU), cpu, cuda[:N]"
+    )
+    precision: str = setting(
+        "fp32", choices=PRECISIONS, doc="fp32, or autocast to bf16 / fp16 (fp16 with a gradient scaler)"
+    )
 
 
 # -- [[loss]] -----------------------------------------------------------------------------------------------------

@@ -75,8 +75,8 @@ class IntegerWeight(nn.Module):
         self.axis = -1 if q.ch_axis is None else q.ch_axis
         self.shape = list(weight.shape)
         with torch.no_grad():
-            s = ops._broadcast(scale, weight.dim(), self.axis).to(weight.dtype)
-            integers = torch.mul(weight.detach(), 1.0 / s).round_()
+            s = ops._broadcast(scale, weight.dim(), self.axis)  # float32, as the training kernels compute
+            integers = torch.mul(weight.detach().float(), 1.0 / s).round_()
             if zero_point is not None:
                 integers.add_(ops._broadcast(zero_point, weight.dim(), self.axis))
             integers.clamp_(self.qmin, self.qmax)

@@ -106,7 +106,9 @@ def export_onnx(
     fold_batch_norm: bool = False,
 ) -> ExportReport:
     """Convert ``qmodel`` and write it to ``path`` as QDQ ONNX (see the module docstring), plus
-    ``<path>.encodings.json``. ``example_inputs`` is one tensor or a tuple of forward's positional arguments.
+    ``<path>.encodings.json``. ``example_inputs`` is one tensor or a tuple of forward's positional arguments. A
+    model on a GPU is converted there and exported from a CPU copy (``qmodel`` stays where it is); the inputs may be
+    on any device.
 
     ``fold_batch_norm`` folds a BatchNormalization that follows a quantized Conv into its weight scales and a
     bias, so that onnxruntime can run DQ → Conv → Q as one integer kernel. That kernel needs its bias as int32 at
@@ -126,7 +128,9 @@ def export_onnx(
     if opset < 13:
         raise FxQuantError(f"opset {opset} has no per-channel DequantizeLinear; use opset 13 or later")
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    deployed = convert(qmodel)
+    # The ONNX file does not depend on the device: a model trained on a GPU is exported from a CPU copy.
+    args = tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
+    deployed = convert(qmodel).cpu()
     model = capture(deployed, args, opset, dynamic_batch)
     report = ExportReport(Path(path), Path(f"{path}.encodings.json"), opset, format, 0)
     encodings = _to_standard(model, format, opset, report)

@@ -2,8 +2,9 @@
 ONNX exporter see them whole (and translate them to QuantizeLinear/DequantizeLinear, see :mod:`.onnx_export`):
 
 * ``fxquant::quantize_dequantize(x, scale, zero_point, qmin, qmax, axis)`` — an activation's fake quantization
-  with frozen constants: ``(clamp(round(x·(1/s)) + z, qmin, qmax) − z)·s``, computed with exactly the operations of
-  the training kernel (:mod:`fxquant.quant.kernel`), so a converted model equals the prepared one bit for bit;
+  with frozen constants: ``(clamp(round(x·(1/s)) + z, qmin, qmax) − z)·s``, computed by the training kernels'
+  reference (:mod:`fxquant.quant.reference`: float32 arithmetic, the result in x's dtype), so a converted model
+  equals the prepared one bit for bit;
 * ``fxquant::dequantize_weight(q, scale, zero_point, axis, bits, shape)`` — integer weights (``int8``, or two per
   byte in a ``uint8`` at ≤ 4 bits, low nibble first as ONNX packs INT4) to floats: ``(q − z)·s``.
 
@@ -13,6 +14,9 @@ ONNX exporter see them whole (and translate them to QuantizeLinear/DequantizeLin
 from __future__ import annotations
 
 import torch
+
+from fxquant.quant import reference
+from fxquant.quant.grid import in_layout_of
 
 PACKED_BITS = 4  # at this width and below, two values share a byte
 
@@ -29,15 +33,10 @@ def _broadcast(t: torch.Tensor, dims: int, axis: int) -> torch.Tensor:
 def quantize_dequantize(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int, axis: int
 ) -> torch.Tensor:
-    s = _broadcast(scale, x.dim(), axis).to(x.dtype)
-    z = None if zero_point is None else _broadcast(zero_point, x.dim(), axis).to(x.dtype)
-    out = torch.mul(x, 1.0 / s).round_()
-    if z is not None:
-        out.add_(z)
-    out.clamp_(qmin, qmax)
-    if z is not None:
-        out.sub_(z)
-    return out.mul_(s)
+    moved = axis > 0 and x.dim() > 1  # the reference takes its steps along dim 0
+    xs = x.movedim(axis, 0) if moved else x
+    y = reference.forward(xs, scale, zero_point, qmin, qmax)
+    return in_layout_of(y.movedim(0, axis) if moved else y, x)
 
 
 @quantize_dequantize.register_fake

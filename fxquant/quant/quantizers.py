@@ -157,8 +157,8 @@ class FakeQuantizer(nn.Module):
             for part in path:
                 owner = getattr(owner, part, None)
             current = getattr(owner, name, None) if owner is not None else None
-            if isinstance(current, torch.Tensor) and current.shape != saved.shape:
-                current.data = torch.empty_like(saved, dtype=current.dtype)
+            if isinstance(current, torch.Tensor) and current.shape != saved.shape:  # where the module is, not the file
+                current.data = torch.empty(saved.shape, dtype=current.dtype, device=current.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         flag = int(self.signed_flag)  # loading is not a hot path: refresh the mirrors from the loaded buffers
         self._signed = None if flag < 0 else bool(flag)

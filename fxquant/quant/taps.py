@@ -102,8 +102,10 @@ class FeaturePerturbation(nn.Module):
         step = q.scale.detach()
         if step.numel() > 1 and x.dim() > 1:  # per-channel activation steps: broadcast along the channels
             step = step.reshape(1, -1, *([1] * (x.dim() - 2)))
-        noise = torch.rand(x.shape, dtype=x.dtype, device=x.device, generator=self.generator).sub_(0.5)
-        return x + noise * step
+        # drawn where the generator lives (a seeded CPU generator for a CUDA batch: then copied over)
+        device = self.generator.device if self.generator is not None else x.device
+        noise = torch.rand(x.shape, dtype=x.dtype, device=device, generator=self.generator).to(x.device).sub_(0.5)
+        return x + noise * step.to(x.dtype)  # in x's dtype: a bf16 activation stays bf16
 
     def extra_repr(self) -> str:
         return f"p={self.p}, enabled={self.enabled}"

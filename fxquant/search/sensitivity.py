@@ -121,10 +121,15 @@ def hutchinson_traces(
             sums = [0.0] * len(keys)
             grads = torch.autograd.grad(loss, variables, create_graph=True)
             for k in range(1, max_iterations + 1):
-                vs = [torch.randint(0, 2, v.shape, generator=generator).to(v.dtype).mul_(2).sub_(1) for v in variables]
+                # Rademacher probes drawn on the CPU (the same on every device), used where each variable is
+                vs = [
+                    torch.randint(0, 2, v.shape, generator=generator).to(v.device, v.dtype).mul_(2).sub_(1)
+                    for v in variables
+                ]
                 hvs = torch.autograd.grad(grads, variables, grad_outputs=vs, retain_graph=True)
-                for i, v, hv in zip(owner, vs, hvs):
-                    sums[i] += float((v * hv).sum())
+                products = torch.stack([(v * hv).sum().float().cpu() for v, hv in zip(vs, hvs)]).tolist()
+                for i, product in zip(owner, products):
+                    sums[i] += product
                 means = [s / k for s in sums]
                 if bar:
                     bar.update(task, advance=1)

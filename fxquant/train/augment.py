@@ -27,7 +27,9 @@ def augment_image(image: torch.Tensor, kind: str, generator: torch.Generator | N
 
 
 def augment_batch(x: torch.Tensor, kind: str = "strong", generator: torch.Generator | None = None) -> torch.Tensor:
-    """An independently augmented copy of every image of a (N, C, H, W) batch (see :func:`augment_image`).
+    """An independently augmented copy of every image of a (N, C, H, W) batch, as :func:`augment_image` makes them
+    (the same distribution), computed on the batch's device in a few batched ops: the random numbers are drawn on
+    the CPU (from ``generator``) and nothing is read back from the device.
 
     Example usage::
 
@@ -37,4 +39,23 @@ def augment_batch(x: torch.Tensor, kind: str = "strong", generator: torch.Genera
         raise ValueError(f"batch augmentation must be 'standard' or 'strong', got {kind!r}")
     if x.dim() != 4:
         raise ValueError(f"augment_batch expects (N, C, H, W) images, got shape {tuple(x.shape)}")
-    return torch.stack([augment_image(image, kind, generator) for image in x])
+    n, _, h, w = x.shape
+    shift = torch.randint(0, 5, (n, 2), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    size = torch.randint(6, 13, (n,), generator=generator)
+    corner = (torch.rand(n, 2, generator=generator) * (torch.tensor([h, w]) - size[:, None])).long()
+    shift, flip, size, corner = (t.to(x.device, non_blocking=True) for t in (shift, flip, size, corner))
+    # shifted by up to 2 pixels each way, the border filled with each image's minimum
+    rows = torch.arange(h, device=x.device) + shift[:, :1] - 2  # (n, h): source row of each output row
+    cols = torch.arange(w, device=x.device) + shift[:, 1:] - 2
+    cols = torch.where(flip[:, None], cols.flip(-1), cols)
+    inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]  # (n, h, w)
+    gathered = x[torch.arange(n, device=x.device)[:, None, None], :, rows.clamp(0, h - 1)[:, :, None],
+                 cols.clamp(0, w - 1)[:, None, :]].permute(0, 3, 1, 2)  # fmt: skip
+    out = torch.where(inside[:, None], gathered, x.amin(dim=(1, 2, 3), keepdim=True))
+    if kind == "strong":  # a square of 6 to 12 pixels erased to 0
+        ys, xs = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+        in_rows = (ys >= corner[:, :1]) & (ys < corner[:, :1] + size[:, None])
+        in_cols = (xs >= corner[:, 1:]) & (xs < corner[:, 1:] + size[:, None])
+        out = out.masked_fill((in_rows[:, :, None] & in_cols[:, None, :])[:, None], 0.0)
+    return out

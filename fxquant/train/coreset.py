@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from fxquant.config.sections import CORESET_SCHEDULES, CoresetConfig
 
 from . import distributed
+from .devices import loader_options, model_device, to_device
 
 
 def evs_weight(epoch: float, epochs: float, schedule: str = "paper") -> float:
@@ -98,8 +99,8 @@ def score_samples(
     batch_size: int = 512,
     num_classes: int | None = None,
 ) -> Scores:
-    """EVS (and DS when ``fp_model`` is given) of every sample, in eval mode. Under torch.distributed every
-    rank scores a disjoint shard and gets the whole result.
+    """EVS (and DS when ``fp_model`` is given) of every sample, in eval mode, computed on the model's device (the
+    result is on the CPU). Under torch.distributed every rank scores a disjoint shard and gets the whole result.
 
     Example usage::
 
@@ -109,17 +110,20 @@ def score_samples(
     info = distributed.setup("auto") if torch.distributed.is_initialized() else distributed.DistInfo()
     n = len(dataset)
     indices = list(range(info.rank, n, info.world_size))
-    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False)
-    evs = torch.zeros(n, dtype=torch.float64)
-    ds = torch.zeros(n, dtype=torch.float64) if fp_model is not None else None
-    labels = torch.zeros(n, dtype=torch.float64)
+    device = model_device(model)
+    subset = torch.utils.data.Subset(dataset, indices)
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, **loader_options(device))
+    evs = torch.zeros(n, dtype=torch.float64, device=device)
+    ds = torch.zeros(n, dtype=torch.float64, device=device) if fp_model is not None else None
+    labels = torch.zeros(n, dtype=torch.float64, device=device)
     modes = [(m, m.training) for m in (model, fp_model) if m is not None]
     for m, _ in modes:
         m.eval()
     position = 0
     try:
-        for x, y in loader:
-            rows = torch.tensor(indices[position : position + len(y)])
+        for batch in loader:
+            x, y = to_device((batch[0], batch[-1]), device)
+            rows = torch.tensor(indices[position : position + len(y)]).to(device, non_blocking=True)
             position += len(y)
             probs = F.softmax(model(x), dim=1)
             classes = num_classes or probs.shape[1]
@@ -134,7 +138,8 @@ def score_samples(
     distributed.all_reduce(labels)
     if ds is not None:
         distributed.all_reduce(ds)
-    return Scores(evs.float(), ds.float() if ds is not None else None, labels.long(), time.perf_counter() - start)
+    ds = ds.float().cpu() if ds is not None else None
+    return Scores(evs.float().cpu(), ds, labels.long().cpu(), time.perf_counter() - start)
 
 
 def select(scores: torch.Tensor, labels: torch.Tensor, fraction: float) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 Nothing here is decided at import time: :func:`setup` reads the environment ``torchrun`` sets
 (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``) when ``fit`` calls it, and joins the
-process group (gloo on CPU, nccl when CUDA is available) unless the caller already did.
+process group (gloo on CPU; with CUDA, nccl, after making ``cuda:LOCAL_RANK`` this rank's device) unless the
+caller already did. Every reduction runs on the backend's device: a CPU tensor handed to an nccl group is reduced
+through a copy on the rank's GPU.
 
 Quantizer steps are learned from the first batch. Under data parallelism each rank sees a different batch,
 so :func:`initialize_quantizers` reduces the statistics the steps are computed from across ranks (sums for
@@ -21,6 +23,8 @@ import torch
 from torch import nn
 
 from fxquant.quant.quantizers import FakeQuantizer
+
+from .devices import model_device, to_device
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,10 @@ def setup(mode: str = "auto") -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if mode == "off" or world_size <= 1:
         return DistInfo()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "gloo"
+    if torch.cuda.is_available():
+        backend = "nccl"
+        torch.cuda.set_device(_local_rank() % torch.cuda.device_count())  # one device per rank
     torch.distributed.init_process_group(backend=backend)
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), _local_rank())
 
@@ -67,12 +74,23 @@ def _local_rank() -> int:
 
 
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce (``sum``, ``min``, ``max``) when a process group is up; otherwise unchanged."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        reduce_op = {"sum": torch.distributed.ReduceOp.SUM, "min": torch.distributed.ReduceOp.MIN}.get(
-            op, torch.distributed.ReduceOp.MAX
-        )
-        torch.distributed.all_reduce(t, op=reduce_op)
+    """In-place all-reduce (``sum``, ``min``, ``max``) when a process group is up; otherwise unchanged. Under nccl
+    a CPU tensor is reduced through a copy on this rank's GPU (nccl reduces GPU tensors only).
+
+    Example usage::
+
+        all_reduce(torch.tensor([correct, total], device=device))
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return t
+    reduce_op = {"sum": torch.distributed.ReduceOp.SUM, "min": torch.distributed.ReduceOp.MIN}.get(
+        op, torch.distributed.ReduceOp.MAX
+    )
+    if torch.distributed.get_backend() == "nccl" and t.device.type != "cuda":
+        on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+        torch.distributed.all_reduce(on_gpu, op=reduce_op)
+        return t.copy_(on_gpu)
+    torch.distributed.all_reduce(t, op=reduce_op)
     return t
 
 
@@ -89,9 +107,9 @@ def _synchronised(quantizers: list[FakeQuantizer]) -> Iterator[None]:
 
 @torch.no_grad()
 def initialize_quantizers(model: nn.Module, *args: torch.Tensor) -> int:
-    """Initialise every not-yet-initialised quantizer from one forward on ``args`` (training mode, no
-    gradient, batch-norm running statistics left as they were), with statistics reduced across ranks when
-    a process group is up. Returns how many quantizers were initialised. Every rank must call it.
+    """Initialise every not-yet-initialised quantizer from one forward on ``args`` (moved to the model's device;
+    training mode, no gradient, batch-norm running statistics left as they were), with statistics reduced across
+    ranks when a process group is up. Returns how many quantizers were initialised. Every rank must call it.
 
     Example usage::
 
@@ -118,7 +136,8 @@ def observe(model: nn.Module, *args: torch.Tensor) -> None:
 
 
 def _quantizer_forward(model: nn.Module, quantizers: list[FakeQuantizer], args: tuple[torch.Tensor, ...]) -> None:
-    """A training-mode forward whose only lasting effect is on ``quantizers``' state."""
+    """A training-mode forward (on the model's device) whose only lasting effect is on ``quantizers``' state."""
+    args = to_device(args, model_device(model))
     quantizer_buffers = {id(b) for q in quantizers for b in q.buffers()}
     saved = [(b, b.clone()) for b in model.buffers() if id(b) not in quantizer_buffers]
     was_training = model.training

@@ -98,7 +98,7 @@ class SAM:
         self._outputs: dict[int, torch.Tensor] = {}
         self._perturbation: dict[int, torch.Tensor] = {}
         self._mode = "off"
-        self.last_perturbed_loss: float | None = None
+        self.last_perturbed_loss: torch.Tensor | None = None  # the second pass's loss, on the device
         self._handles = [q.register_forward_hook(self._hook) for q in self.quantizers]
 
     def remove(self) -> None:
@@ -122,15 +122,22 @@ class SAM:
         return output
 
     def _scaled(self, grads: list[torch.Tensor], values: list[torch.Tensor]) -> list[torch.Tensor]:
-        """ε for each tensor: ρ·g/‖g‖, or ASAM's ρ·T²g/‖Tg‖ with T = |value|."""
-        if self.config.adaptive:
-            scaled = [g * v.abs() for g, v in zip(grads, values)]
-            norm = torch.sqrt(sum((s * s).sum() for s in scaled)) + _EPS
-            return [self.config.rho * s * v.abs() / norm for s, v in zip(scaled, values)]
-        norm = torch.sqrt(sum((g * g).sum() for g in grads)) + _EPS
-        return [self.config.rho * g / norm for g in grads]
+        """ε for each tensor: ρ·g/‖g‖, or ASAM's ρ·T²g/‖Tg‖ with T = |value|. Invariant to a loss scale (fp16's
+        gradient scaler); a non-finite gradient (an fp16 overflow the scaler will skip) gives ε = 0, decided on the
+        device without reading it back."""
+        scaled = [g * v.abs() for g, v in zip(grads, values)] if self.config.adaptive else grads  # T·g
+        norm = torch.sqrt(sum((t.float() * t.float()).sum() for t in scaled)) + _EPS
+        factor = torch.where(torch.isfinite(norm), self.config.rho / norm, torch.zeros_like(norm))
+        directions = [t * v.abs() for t, v in zip(scaled, values)] if self.config.adaptive else grads  # T²·g
+        return [torch.nan_to_num(d * factor, nan=0.0, posinf=0.0, neginf=0.0) for d in directions]
 
-    def step(self, closure: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def step(
+        self,
+        closure: Callable[[], dict[str, torch.Tensor]],
+        backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+    ) -> dict[str, torch.Tensor]:
+        """Both passes: ``closure`` computes the loss terms, ``backward(total)`` differentiates them (a gradient
+        scaler's ``scaler.scale(total).backward()`` under fp16); returns the first pass's terms."""
         quantized = self.config.perturb == "quantized"
         latents = ([] if quantized else _latent_weights(self.model)) + self.extra
         # pass 1: gradient at the current point
@@ -141,7 +148,7 @@ class SAM:
         total = sum(terms.values())
         for p in self.model.parameters():
             p.grad = None
-        total.backward()
+        backward(total)
         self._mode = "off"
         keys = [k for k in self._captured if k in self._outputs] if quantized else []
         grads = [self._captured[k] for k in keys] + [
@@ -161,8 +168,8 @@ class SAM:
         try:
             with _frozen_bn_statistics(self.model, not self.config.update_bn_in_second_pass):
                 second = sum(closure().values())
-                second.backward()
-                self.last_perturbed_loss = float(second.detach())
+                backward(second)
+                self.last_perturbed_loss = second.detach()
         finally:
             self._mode = "off"
             self._perturbation = {}

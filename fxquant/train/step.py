@@ -4,6 +4,11 @@ SAM's two passes when the recipe has ``[optim.sam]``, and the optimizer step.
 Ownership: the step builds the recipe's loss objects and the teacher they need. The FP teacher comes from the
 float model (``teacher=`` here, else ``qmodel.float_model``) with the student's own prepared structure, so that
 it records the same taps (:func:`fxquant.train.teachers.float_teacher`); EMA teachers belong to their loss.
+
+Devices and precision: the step runs where the model is. It moves each batch there, puts the teacher and the
+losses' own parameters there, runs the forwards under the autocast of its ``precision`` (bf16, fp16) and, for
+fp16, scales the loss with a gradient scaler. Nothing in a step reads a device tensor on the host: the metrics it
+returns are detached 0-dim tensors on the model's device (``float(m["loss"])`` when a number is needed).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from fxquant.quant.controls import clamp_steps
 
 from . import distributed
 from .augment import augment_batch
+from .devices import DeviceError, Precision, autocast_without_scaling, model_device, to_device
 from .losses import AuxLoss, Forward, LossInputs, build_losses
 from .sam import SAM
 from .teachers import float_teacher, freeze
@@ -31,7 +37,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def build_teacher(student: nn.Module, float_model: nn.Module | None, losses: Iterable[AuxLoss]) -> nn.Module | None:
-    """The FP teacher ``losses`` need (None when none of them distils from the float model).
+    """The FP teacher ``losses`` need (None when none of them distils from the float model), on the student's
+    device.
 
     Example usage::
 
@@ -46,24 +53,26 @@ def build_teacher(student: nn.Module, float_model: nn.Module | None, losses: Ite
             "pass TrainStep(..., teacher=float_model), or prepare_qat(..., float_model=float_model)"
         )
     if not isinstance(student, QATModel):
-        return freeze(float_model)
+        return freeze(float_model).to(model_device(student))
     return float_teacher(student, float_model, [loss.name for loss in readers if loss.config.taps()])
 
 
 class TrainStep:
     """One optimisation step per call: the views, forwards and losses the model's recipe declares, backward,
-    optimizer step. Returns a dict of metrics (one per loss term, plus ``loss`` and ``acc``).
+    optimizer step. Returns a dict of metrics (one per loss term, plus ``loss`` and ``acc``) as detached 0-dim
+    tensors on the model's device: reading one as a number (``float``) waits for the step to finish on a GPU.
 
     ``losses`` (default: built from the model's recipe) are the auxiliary losses; ``teacher`` is the float model
     they distil from (default ``qmodel.float_model``; a plain float model of the student's architecture, or a
     prepared one; it is frozen); ``extra_losses`` are callables ``(step, x, y, logits) -> dict``
     added to the loss. A batch is ``(x, y)`` or ``(x, x2, y)``: when a loss needs a second view and the batch
     has none, it is made from ``x`` with :func:`fxquant.data.augment_batch` (strong augmentation).
-    ``progress`` (fractional epochs, set by ``fit``) drives ramp-ups.
+    ``progress`` (fractional epochs, set by ``fit``) drives ramp-ups. ``precision`` is ``"fp32"``, ``"bf16"``
+    or ``"fp16"`` (autocast; fp16 with a gradient scaler). Batches are moved to the model's device.
 
     Example usage::
 
-        step = fxquant.TrainStep(qmodel, optimizer)
+        step = fxquant.TrainStep(qmodel.cuda(), optimizer, precision="bf16")
         for x, y in loader:
             metrics = step(x, y)      # {"ce": ..., "fpq.csd": ..., "loss": ..., "acc": ...}
     """
@@ -77,9 +86,15 @@ class TrainStep:
         losses: Iterable[AuxLoss] | None = None,
         extra_losses: Iterable[Callable[..., dict[str, torch.Tensor]]] = (),
         ce_weight: float = 1.0,
+        precision: str | Precision = "fp32",
     ):
         self.model = model
         self.student = unwrap(model)
+        device = model_device(self.student)  # also refuses a model split across devices
+        self.precision = precision if isinstance(precision, Precision) else Precision.of(precision, device)
+        self.scaler = self.precision.scaler()
+        # a parameter to read the model's device from on each call (it follows model.to(...))
+        self._probe = next(self.student.parameters(), None)
         self.optimizer = optimizer
         self.criterion = criterion or nn.CrossEntropyLoss()
         recipe = self.student.recipe if isinstance(self.student, QATModel) else None
@@ -101,8 +116,7 @@ class TrainStep:
     def _adopt_loss_parameters(self) -> list[nn.Parameter]:
         """Parameters the losses learn (a gate's): on the student's device, in the optimizer as a group of their
         own (the first group's learning rate, no weight decay) unless the optimizer already holds them."""
-        device = next(self.student.parameters(), torch.empty(0)).device
-        parameters = [p for loss in self.losses for p in loss.to(device).parameters()]
+        parameters = [p for loss in self.losses for p in loss.to(model_device(self.student)).parameters()]
         held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         fresh = [p for p in parameters if id(p) not in held]
         if fresh:
@@ -133,8 +147,23 @@ class TrainStep:
         joint = self._forward(self.model, batch)
         return dict(zip(which, _split(joint, len(which))))
 
-    def __call__(self, *batch: torch.Tensor) -> dict[str, float]:
-        *views, y = batch
+    @property
+    def device(self) -> torch.device:
+        """The device the model, and so each step, is on."""
+        return self._probe.device if self._probe is not None else torch.device("cpu")
+
+    def _backward(self, total: torch.Tensor) -> None:
+        (total if self.scaler is None else self.scaler.scale(total)).backward()
+
+    def __call__(self, *batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        device = self.device
+        if self.precision.name != "fp16" and autocast_without_scaling(device):
+            raise DeviceError(
+                "TrainStep runs under an fp16 autocast set outside it, without a gradient scaler: small gradients "
+                "(the quantizer steps') underflow to zero. Pass precision='fp16' (the step then autocasts and "
+                "scales the loss itself) instead of wrapping it in torch.autocast"
+            )
+        *views, y = to_device(batch, device)
         while len(views) < self.views:
             views.append(augment_batch(views[0], "strong"))
         self.model.train()
@@ -162,25 +191,33 @@ class TrainStep:
                 terms.update(extra(self, views[0], y, out))
             return terms
 
+        def forward_and_losses() -> dict[str, torch.Tensor]:
+            with self.precision.autocast():
+                return loss_terms()
+
         self.optimizer.zero_grad(set_to_none=True)
         if self.sam is None:
-            terms = loss_terms()
+            terms = forward_and_losses()
             total = sum(terms.values())
-            total.backward()
+            self._backward(total)
         else:  # SAM: two forward/backward passes; .grad holds the perturbed point's gradient
-            terms = self.sam.step(loss_terms)
+            terms = self.sam.step(forward_and_losses, self._backward)
             total = sum(terms.values())
         self._average_loss_gradients()
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         clamp_steps(self.student)
         logits = first_logits[0]
         for loss in self.losses:
             loss.after_step(self.student)
         if getattr(self.student, "taps", None) is not None:
             self.student.taps.clear()  # drop references to this step's activations
-        metrics = {name: float(value.detach()) for name, value in terms.items()}
-        metrics["loss"] = float(total.detach())
-        metrics["acc"] = float((logits.detach().argmax(1) == y).float().mean())
+        metrics = {name: value.detach().float() for name, value in terms.items()}
+        metrics["loss"] = total.detach().float()
+        metrics["acc"] = (logits.detach().argmax(1) == y).float().mean()
         for loss in self.losses:
             metrics.update({f"{loss.name}.{key}": value for key, value in loss.diagnostics.items()})
         return metrics

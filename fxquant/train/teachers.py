@@ -17,6 +17,8 @@ from fxquant.errors import FxQuantError
 from fxquant.qat_model import QATModel
 from fxquant.quant.controls import quantizers_of
 
+from .devices import model_device
+
 
 def freeze(model: nn.Module) -> nn.Module:
     """``model`` in eval mode with no parameter requiring gradients; returns it."""
@@ -41,7 +43,8 @@ def copy_for_teacher(model: nn.Module) -> nn.Module:
 
 
 def float_teacher(student: QATModel, float_model: nn.Module, tap_readers: Sequence[str] = ()) -> nn.Module:
-    """The FP teacher of ``student``: its prepared structure with ``float_model``'s weights, quantizers off.
+    """The FP teacher of ``student``: its prepared structure with ``float_model``'s weights, quantizers off, on the
+    student's device.
 
     ``float_model`` may be a plain float model of the student's architecture, or an already prepared model.
     When its weights do not fit the student's architecture, it teaches as it is — unless some loss reads taps
@@ -65,7 +68,7 @@ def float_teacher(student: QATModel, float_model: nn.Module, tap_readers: Sequen
                     f"{', '.join(tap_readers)} compare the teacher's features layer by layer, so the teacher must be "
                     "the student's float model (same architecture)"
                 ) from None
-            return freeze(float_model)
+            return freeze(float_model).to(model_device(student))
     for q in quantizers_of(teacher).values():
         q.enabled = False
-    return freeze(teacher)
+    return freeze(teacher).to(model_device(student))

@@ -87,7 +87,10 @@ class Generator(nn.Module):
         return x
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z, y): latent codes and uniformly drawn labels."""
-        z = torch.randn(n, self.latent_dim, generator=generator)
-        y = torch.randint(0, self.embed.num_embeddings, (n,), generator=generator)
-        return z, y
+        """(z, y): latent codes and uniformly drawn labels, on the generator's device (drawn where ``generator``
+        lives, when one is given)."""
+        device = self.embed.weight.device
+        source = generator.device if generator is not None else device
+        z = torch.randn(n, self.latent_dim, generator=generator, device=source)
+        y = torch.randint(0, self.embed.num_embeddings, (n,), generator=generator, device=source)
+        return z.to(device), y.to(device)

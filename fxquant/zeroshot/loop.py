@@ -42,7 +42,9 @@ from fxquant.config.sections import ZeroShotConfig
 from fxquant.errors import FxQuantError
 from fxquant.qat_model import QATModel
 from fxquant.quant.controls import clamp_steps
+from fxquant.train.devices import model_device
 from fxquant.train.distributed import initialize_quantizers
+from fxquant.train.loop import REFRESH_SECONDS
 from fxquant.train.losses import dkd_terms, kd_loss
 from fxquant.train.teachers import float_teacher, freeze
 
@@ -88,7 +90,8 @@ def train(
         raise FxQuantError(
             "zero-shot quantization needs the FP model: prepare with a [zeroshot] recipe or pass teacher="
         )
-    teacher = float_teacher(qmodel, float_model) if isinstance(qmodel, QATModel) else freeze(float_model)
+    device = model_device(qmodel)
+    teacher = float_teacher(qmodel, float_model) if isinstance(qmodel, QATModel) else freeze(float_model).to(device)
     head = classifier(teacher)
     num_classes = head.out_features
     if image_shape is None:
@@ -97,7 +100,7 @@ def train(
     torch.manual_seed(int(settings.seed))
     generator = Generator(
         num_classes, image_shape, settings.latent_dim, settings.generator_channels, settings.long_range
-    )
+    ).to(device)
     g_opt = torch.optim.Adam(generator.parameters(), lr=settings.generator_lr, betas=(0.5, 0.999))
     s_params = [p for p in qmodel.parameters() if p.requires_grad]
     if settings.student_optimizer == "adam":
@@ -116,6 +119,7 @@ def train(
         int(settings.batch_size),
     )
     first_batch = True
+    shown_at = 0.0
     try:
         with bar or contextlib.nullcontext():
             task = bar.add_task("zero-shot", total=iterations) if bar else None
@@ -138,7 +142,7 @@ def train(
                 g_opt.zero_grad(set_to_none=True)
                 g_loss.backward()
                 g_opt.step()
-                metrics = {"gen_ce": float(ce.detach()), "bns": float(bns_loss.detach())}
+                metrics = {"gen_ce": ce.detach(), "bns": bns_loss.detach()}  # read on the host at the end
                 # -- student step on the same (detached) images
                 if it >= warmup:
                     x = x.detach()
@@ -159,14 +163,19 @@ def train(
                     s_loss.backward()
                     s_opt.step()
                     clamp_steps(qmodel)  # as TrainStep does: stored steps stay positive
-                    metrics["student_kd"] = float(s_loss.detach())
-                    metrics["agreement"] = float((s_logits.argmax(1) == t_logits.argmax(1)).float().mean())
+                    metrics["student_kd"] = s_loss.detach()
+                    metrics["agreement"] = (s_logits.argmax(1) == t_logits.argmax(1)).float().mean()
                 result.history.append(metrics)
                 if bar:
-                    shown = " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
-                    bar.update(task, advance=1, description=f"zero-shot {it + 1}/{iterations} {shown}")
+                    now = time.perf_counter()
+                    if now - shown_at >= REFRESH_SECONDS or it + 1 == iterations:  # reading waits for the device
+                        shown_at = now
+                        shown = " ".join(f"{k} {float(v):.3f}" for k, v in metrics.items())
+                        bar.update(task, description=f"zero-shot {it + 1}/{iterations} {shown}")
+                    bar.advance(task)
     finally:
         hook.remove()
+    result.history = [{key: float(value) for key, value in metrics.items()} for metrics in result.history]
     qmodel.train()
     result.seconds = time.perf_counter() - start
     return result
@@ -183,9 +192,10 @@ def save_grid(generator: Generator, path: str | Path, per_class: int = 8, seed: 
     generator.eval()
     classes = generator.embed.num_embeddings
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(classes * per_class, generator.latent_dim, generator=g)
-    y = torch.arange(classes).repeat_interleave(per_class)
-    images = generator(z, y)
+    device = generator.embed.weight.device
+    z = torch.randn(classes * per_class, generator.latent_dim, generator=g).to(device)
+    y = torch.arange(classes, device=device).repeat_interleave(per_class)
+    images = generator(z, y).cpu()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(images, path, nrow=per_class, normalize=True, scale_each=True)

@@ -29,23 +29,25 @@ def sigmoid_rampup(progress: float, length: float) -> float:
     return math.exp(-5.0 * (1.0 - t) ** 2)
 
 
-def feature_gradient_ratio(term: torch.Tensor, inputs: LossInputs, feature: torch.Tensor) -> float:
+def feature_gradient_ratio(term: torch.Tensor, inputs: LossInputs, feature: torch.Tensor) -> torch.Tensor:
     """‖∂term/∂f‖ / ‖∂CE/∂f‖ at the features ``f`` the term reads (view 0's cross-entropy): how strongly an
-    auxiliary term pulls compared with the task loss. NaN when there is no gradient to compare (no grad mode).
+    auxiliary term pulls compared with the task loss, as a 0-dim tensor on the features' device. NaN when there is
+    no gradient to compare (no grad mode).
 
     The student's views run as one batch and each view's features are a slice of it, so both gradients are
     taken at that joint tensor (the slice's base), where the cross-entropy's gradient path also passes.
     """
     at = feature._base if feature._base is not None else feature
     logits = inputs.student[0].logits
+    nan = feature.new_tensor(float("nan"), dtype=torch.float32)
     if not (term.requires_grad and at.requires_grad and logits.requires_grad):
-        return float("nan")
+        return nan
     ce = F.cross_entropy(logits, inputs.y)
     (own,) = torch.autograd.grad(term, at, retain_graph=True, allow_unused=True)
     (task,) = torch.autograd.grad(ce, at, retain_graph=True, allow_unused=True)
     if own is None or task is None:
-        return float("nan")
-    return float(own.norm() / task.norm().clamp_min(1e-12))
+        return nan
+    return (own.float().norm() / task.float().norm().clamp_min(1e-12)).detach()
 
 
 @dataclass
@@ -82,9 +84,9 @@ class AuxLoss(Generic[C]):
     def __init__(self, config: C, name: str | None = None):
         self.config = config
         self.name = name or config.kind
-        # numbers about the last step that are not loss terms (a teacher's accuracy, a gradient ratio); the
-        # training step reports them as ``<name>.<key>`` metrics
-        self.diagnostics: dict[str, float] = {}
+        # numbers about the last step that are not loss terms (a teacher's accuracy, a gradient ratio), as 0-dim
+        # tensors on the device; the training step reports them as ``<name>.<key>`` metrics
+        self.diagnostics: dict[str, torch.Tensor] = {}
 
     @property
     def kind(self) -> str:

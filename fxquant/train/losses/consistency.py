@@ -77,8 +77,8 @@ class ConsistencyLoss(AuxLoss[ConsistencyConfig]):
         teacher = inputs.teachers[(self.config.teacher, self.teacher_view)]
         with torch.no_grad():
             self.diagnostics = {
-                "teacher_acc": float((teacher.logits.argmax(1) == inputs.y).float().mean()),
-                "student_acc": float((student.logits.argmax(1) == inputs.y).float().mean()),
+                "teacher_acc": (teacher.logits.argmax(1) == inputs.y).float().mean(),
+                "student_acc": (student.logits.argmax(1) == inputs.y).float().mean(),
             }
         terms = {}
         if self.config.logits:

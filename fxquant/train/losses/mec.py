@@ -211,5 +211,5 @@ class MECLoss(AuxLoss[MECConfig]):
         if gates is None:
             return {"": value}
         importance = gates.detach().sum(0)
-        self.diagnostics["gate_max_share"] = float(importance.max() / importance.sum())  # 1/E balanced, 1 collapsed
+        self.diagnostics["gate_max_share"] = importance.max() / importance.sum()  # 1/E balanced, 1 collapsed
         return {"": value, "balance": c.balance * importance_balance(gates)}
