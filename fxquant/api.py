@@ -24,6 +24,7 @@ from fxquant.qat_model import PrepareOptions, PrepareReport, QATModel, graft
 from fxquant.quant.attention import TraceableAttention
 from fxquant.quant.layers import is_quantizable_module
 from fxquant.search.cost import as_args, measure
+from fxquant.train.devices import DeviceError, model_device, to_device
 
 
 def _ends(pieces: dict[str, fx.GraphModule], order: list[str]) -> dict[str, tuple[bool, bool]]:
@@ -110,6 +111,9 @@ def _prepare(
     args = as_args(example_inputs)
     _check_leaf_modules(model, recipe, leaf_modules)
     model = _copy(model)
+    device = _device_of(model)
+    if device is not None and args is not None:  # example inputs may be given on the CPU for a model on a GPU
+        args = to_device(args, device)
     user_leaves = (*recipe.quant.leaf_modules, *leaf_modules)
     swaps = swap_modules(
         model,
@@ -180,10 +184,20 @@ def _prepare(
     prepared_keys = {id(t): f"model.{k}" for k, t in root.state_dict(keep_vars=True).items()}
     key_map = {key: prepared_keys[i] for i, key in float_keys.items() if i in prepared_keys}
     qmodel = QATModel(root, recipe, report, ctx.tap_store, options, key_map)
+    if device is not None:  # the quantizers and taps the passes added join the model where it is
+        qmodel.to(device)
     if args is not None:
         report.costs = measure(qmodel, args)
     qmodel.train(mode)
     return qmodel
+
+
+def _device_of(model: nn.Module) -> torch.device | None:
+    """The one device the model is on, or None for a model split across devices (left as the user placed it)."""
+    try:
+        return model_device(model)
+    except DeviceError:
+        return None
 
 
 # Layers with weights fxquant has no quantized form for (yet): they run in float and the report says so.

@@ -199,7 +199,7 @@ def _coreset(
     if recipe is None or recipe.coreset is None:
         return None, train_loader
     selector = coreset.CoresetSelector(recipe.coreset, config.epochs)
-    sampler = coreset.CoresetSampler(torch.arange(len(train_data)), info, seed)
+    sampler = coreset.CoresetSampler(torch.arange(len(train_data), device="cpu"), info, seed)
     per_rank = config.batch_size // info.world_size
     options = loader_options(model_device(model))
     return selector, DataLoader(train_data, batch_size=per_rank, sampler=sampler, drop_last=True, **options)

@@ -7,6 +7,7 @@ import argparse
 from torch import nn
 
 from fxquant.checkpoint import CheckpointError, safe_load
+from fxquant.config.sections import device_problem
 from fxquant.models import build
 from fxquant.quant.spec import bits_problem
 
@@ -56,6 +57,21 @@ def widths(text: str) -> list[int]:
         if problem:
             raise argparse.ArgumentTypeError(problem)
     return values
+
+
+def device_spec(text: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (whether it exists here is checked when the command runs)."""
+    problem = device_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device`` of every command that runs a model."""
+    parser.add_argument(
+        "--device", type=device_spec, default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda or cuda:N"
+    )
 
 
 def model_from_spec(spec: str) -> nn.Module:

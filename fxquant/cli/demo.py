@@ -19,11 +19,12 @@ from fxquant.deploy import export_onnx, parity
 from fxquant.models import resnet20
 from fxquant.qat_model import QATModel
 from fxquant.summary import collect
+from fxquant.train.devices import resolve_device
 from fxquant.train.loop import evaluate
 from fxquant.workflow import fit
 
 from . import train as train_command
-from .common import load_float_state, positive_int
+from .common import add_device_argument, load_float_state, positive_int
 
 # How the shipped FP checkpoint was made (`make fp-checkpoint` runs it; `--retrain-fp` runs it again): all 60,000
 # training images with standard augmentation, SGD lr 0.1, cosine, 12 epochs, seed 0.
@@ -46,6 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--retrain-fp", action="store_true", help="retrain the FP model with the shipped one's recorded command first"
     )
     demo.add_argument("--compile", action="store_true", help="train QAT through torch.compile")
+    add_device_argument(demo)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--cache", default=".fxquant_cache")
     demo.set_defaults(func=run)
@@ -70,11 +72,13 @@ def _float_model(args: argparse.Namespace, console: Console) -> tuple[torch.nn.M
 
 def run(args: argparse.Namespace) -> int:
     console = Console()
+    device = resolve_device(args.device)  # a GPU when there is one, unless told otherwise
+    console.print(f"fxquant demo on {_describe(device)}")
     torch.manual_seed(args.seed)
     model, source, fp_seconds = _float_model(args, console)
     train_data = fashion_mnist("train", augment="standard", limit=args.train_images)
     test_loader = torch.utils.data.DataLoader(fashion_mnist("test"), batch_size=512)
-    example = torch.randn(1, 1, 28, 28)
+    example = torch.randn(1, 1, 28, 28, device="cpu")  # prepared on the CPU; fit moves the model
     fp = evaluate(model, test_loader)
     console.print(f"[dim]FP32 resnet20 from {source}[/]")
     _, fp_totals = collect(prepare_qat(model, "lsq_w8a8", example))
@@ -84,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
         qmodel = prepare_qat(model, recipe, example)
         start = time.perf_counter()
         config = qmodel.recipe.train.override(epochs=args.qat_epochs)
-        history = fit(qmodel, train_data, None, config, description=f"QAT {recipe}", compile=args.compile or None)
+        history = fit(
+            qmodel, train_data, None, config, description=f"QAT {recipe}", compile=args.compile or None, device=device
+        )
         seconds = time.perf_counter() - start
         result = evaluate(qmodel, test_loader)
         _, totals = collect(qmodel)
@@ -94,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             shipped = (recipe, qmodel, result["top1"])
     title = (
         f"fxquant demo · resnet20 · Fashion-MNIST test set (10,000 images) · QAT: {args.qat_epochs} epochs "
-        f"on {args.train_images:,} images from the FP model"
+        f"on {args.train_images:,} images from the FP model · {_describe(device)}"
     )
     table = Table(title=title)
     for column in ("model", "top-1 %", "Δ vs FP", "BOPs / image", "size", "train time", "images/s"):
@@ -113,6 +119,13 @@ def run(args: argparse.Namespace) -> int:
     if shipped is not None:
         _ship(console, *shipped, Path(args.cache) / f"demo_{shipped[0]}.onnx", example)
     return 0
+
+
+def _describe(device: torch.device) -> str:
+    """``cuda:0 (NVIDIA H200)`` or ``cpu (2 threads)``: where the demo ran."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({torch.get_num_threads()} threads)"
 
 
 def _ship(

@@ -14,7 +14,7 @@ from fxquant.checkpoint import load
 from fxquant.deploy import compare, convert, export_onnx
 from fxquant.deploy.onnx_export import capture
 
-from .common import model_from_spec, positive_int, shape
+from .common import add_device_argument, model_from_spec, positive_int, shape
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="fold BN into weight scales: integer kernels in onnxruntime, but an int32 bias rounding never trained for",
     )
+    add_device_argument(export)
     export.set_defaults(func=run)
 
 
@@ -46,8 +47,8 @@ def float_onnx_size(model: torch.nn.Module, example: torch.Tensor) -> tuple[int,
 
 def run(args: argparse.Namespace) -> int:
     console = Console()
-    qmodel = load(args.checkpoint, model_from_spec(args.model))
-    example = torch.randn(*args.input)
+    qmodel = load(args.checkpoint, model_from_spec(args.model), map_location=args.device)
+    example = torch.randn(*args.input, device="cpu")  # export works on a CPU copy
     opset = args.opset or (21 if args.format == "qdq" else 13)
     report = export_onnx(qmodel, args.out, example, format=args.format, opset=opset, fold_batch_norm=args.fold_bn)
     fp_bytes, fp_gzip = float_onnx_size(model_from_spec(args.model), example)
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         "activations by width", ", ".join(f"{b} bits: {n}" for b, n in sorted(report.activation_widths.items()))
     )
     table.add_row("BN folded into weight scales", str(report.folded_batch_norms))
-    inputs = torch.randn(32, *args.input[1:])
+    inputs = torch.randn(32, *args.input[1:], device="cpu")  # compared on the CPU, as onnxruntime runs
     for parity in compare(report.path, convert(qmodel), inputs):
         table.add_row(
             f"onnxruntime {parity.level} vs PyTorch (32 random inputs)",

@@ -13,9 +13,10 @@ from fxquant.api import prepare_qat
 from fxquant.config.bit_plan import save_plan
 from fxquant.data import fashion_mnist, with_channels
 from fxquant.search import parse_budget, report, save_bar_plot, search
+from fxquant.train.devices import resolve_device
 from fxquant.workflow import calibrate
 
-from .common import load_float_state, model_from_spec, positive_int, shape, widths
+from .common import add_device_argument, load_float_state, model_from_spec, positive_int, shape, widths
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     find.add_argument("--batch-size", type=positive_int, default=128)
     find.add_argument("--out", default="bit_plan.toml")
     find.add_argument("--plot", default="bit_plan.png")
+    add_device_argument(find)
     find.set_defaults(func=run)
 
 
@@ -45,14 +47,17 @@ def run(args: argparse.Namespace) -> int:
     if args.init:
         load_float_state(model, args.init, "--init")
     input_shape = args.input
-    qmodel = prepare_qat(model, args.recipe, torch.randn(*input_shape))
+    qmodel = prepare_qat(model, args.recipe, torch.randn(*input_shape, device="cpu")).to(resolve_device(args.device))
     if args.data == "fashion-mnist":
         data = with_channels(fashion_mnist("train", limit=args.batches * args.batch_size), input_shape[1])
         batches = list(torch.utils.data.DataLoader(data, batch_size=args.batch_size))
     else:  # random inputs and labels: shapes and a rough signal only, for models without data here
-        classes = qmodel(torch.randn(*input_shape)).shape[-1]
+        classes = model(torch.randn(*input_shape, device="cpu")).shape[-1]  # the float model is on the CPU
         batches = [
-            (torch.randn(args.batch_size, *input_shape[1:]), torch.randint(0, classes, (args.batch_size,)))
+            (  # search() moves them to the model
+                torch.randn(args.batch_size, *input_shape[1:], device="cpu"),
+                torch.randint(0, classes, (args.batch_size,), device="cpu"),
+            )
         ] * args.batches
     start = time.perf_counter()
     if args.method == "saq":

@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    qmodel = prepare_qat(model_from_spec(args.model), args.recipe, torch.randn(*args.input))
+    qmodel = prepare_qat(model_from_spec(args.model), args.recipe, torch.randn(*args.input, device="cpu"))
     text = summary(qmodel, format=args.format)
     if args.format != "rich":
         print(text)

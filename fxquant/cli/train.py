@@ -12,12 +12,14 @@ from rich.console import Console
 from fxquant.api import prepare_qat
 from fxquant.checkpoint import save
 from fxquant.config import load_recipe
+from fxquant.config.sections import PRECISIONS
 from fxquant.data import fashion_mnist, with_channels
 from fxquant.train import distributed
+from fxquant.train.devices import model_device
 from fxquant.train.loop import evaluate
 from fxquant.workflow import fit
 
-from .common import input_channels, load_float_state, model_from_spec, positive_float, positive_int
+from .common import add_device_argument, input_channels, load_float_state, model_from_spec, positive_float, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--augment", choices=("none", "standard", "strong"), default="standard")
     train.add_argument("--train-images", type=positive_int, help="use only the first N training images")
     train.add_argument("--compile", action="store_true", help="train through torch.compile (after calibration)")
+    train.add_argument("--precision", choices=PRECISIONS, help="fp32, bf16 or fp16 (default: the recipe's [train])")
+    add_device_argument(train)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", help="where to save (an fxquant checkpoint; a float state_dict with --fp)")
     train.set_defaults(func=run)
@@ -51,12 +55,18 @@ def run(args: argparse.Namespace) -> int:
     channels = input_channels(model)
     train_data = with_channels(fashion_mnist("train", augment=args.augment, limit=args.train_images), channels)
     test_data = with_channels(fashion_mnist("test"), channels)
-    changes = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "compile": args.compile or None}
+    changes = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "compile": args.compile or None,
+        "precision": args.precision,
+    }
     config = recipe.train.override(**{k: v for k, v in changes.items() if v is not None})
-    target = model if args.fp else prepare_qat(model, recipe, torch.randn(1, channels, 28, 28))
+    target = model if args.fp else prepare_qat(model, recipe, torch.randn(1, channels, 28, 28, device="cpu"))
     label = f"FP32 {args.model}" if args.fp else f"QAT {recipe.name}"
     start = time.perf_counter()
-    history = fit(target, train_data, test_data, config, description=label, seed=args.seed)
+    history = fit(target, train_data, test_data, config, description=label, seed=args.seed, device=args.device)
     seconds = time.perf_counter() - start
     final = history[-1]
     if args.out and info.is_main:
@@ -71,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"FP32 from {args.init}: top-1 {evaluate(model, loader)['top1']:.2f}%")
     console.print(
         f"{label}: test top-1 {final.test_top1:.2f}% after {config.epochs} epochs "
-        f"({seconds:.0f} s, {final.images_per_second:.0f} img/s, {info.world_size} process(es))"
+        f"({seconds:.0f} s, {final.images_per_second:.0f} img/s, {info.world_size} process(es) on "
+        f"{model_device(target)}, {config.precision})"
     )
     return 0

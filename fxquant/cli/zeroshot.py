@@ -10,10 +10,11 @@ from rich.console import Console
 from fxquant.api import prepare_qat
 from fxquant.checkpoint import save
 from fxquant.data import DataNotFoundError, fashion_mnist, with_channels
+from fxquant.train.devices import resolve_device
 from fxquant.train.loop import evaluate
 from fxquant.zeroshot import save_grid, train
 
-from .common import input_channels, load_float_state, model_from_spec, positive_int
+from .common import add_device_argument, input_channels, load_float_state, model_from_spec, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     zeroshot.add_argument("--seed", type=int)
     zeroshot.add_argument("--grid", default="zeroshot_samples.png", help="PNG grid of synthetic samples")
     zeroshot.add_argument("--out", help="save the quantized model (an fxquant checkpoint)")
+    add_device_argument(zeroshot)
     zeroshot.set_defaults(func=run)
 
 
@@ -32,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     model = model_from_spec(args.arch)
     load_float_state(model, args.model, "--model")
-    qmodel = prepare_qat(model, args.recipe)
+    qmodel = prepare_qat(model, args.recipe).to(resolve_device(args.device))
     overrides = {k: v for k, v in {"iterations": args.iterations, "seed": args.seed}.items() if v is not None}
     channels = input_channels(model)
     result = train(qmodel, overrides, image_shape=(channels, 28, 28))

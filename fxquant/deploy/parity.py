@@ -9,6 +9,7 @@ input elements moves by one activation level, ``s_in · max|W|``.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,19 +96,23 @@ def session(path: str | Path, level: str = "enable_all", threads: int = 0) -> An
 
 def run(sess: Any, inputs: tuple[torch.Tensor, ...]) -> np.ndarray:
     """The first output of ``sess`` on ``inputs``."""
-    feed = {i.name: t.detach().numpy() for i, t in zip(sess.get_inputs(), inputs)}
+    feed = {i.name: t.detach().cpu().numpy() for i, t in zip(sess.get_inputs(), inputs)}
     return sess.run(None, feed)[0]
 
 
 def compare(path: str | Path, deployed: nn.Module, inputs: Any, levels: tuple[str, ...] = LEVELS) -> list[Parity]:
-    """Run the file and ``deployed`` (a converted model) on ``inputs``; one :class:`Parity` per level.
+    """Run the file and ``deployed`` (a converted model) on ``inputs``; one :class:`Parity` per level. PyTorch runs
+    on the CPU, as onnxruntime does (a model on a GPU is compared through a CPU copy: a GPU's convolutions round
+    differently, which is not the export's doing).
 
     Example usage::
 
         for p in compare("w4a4.onnx", fxquant.convert(qmodel), torch.randn(32, 1, 28, 28)):
             print(p.level, p.output_steps, p.top1_agreement)
     """
-    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    inputs = tuple(t.cpu() for t in (inputs if isinstance(inputs, tuple) else (inputs,)))
+    if any(t.device.type != "cpu" for t in (*deployed.parameters(), *deployed.buffers())):
+        deployed = copy.deepcopy(deployed).cpu()
     with torch.no_grad():
         reference = deployed.eval()(*inputs)
     reference = reference.numpy() if isinstance(reference, torch.Tensor) else np.asarray(reference[0])

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 MIN_STEP = 1e-8  # the smallest step applied (a learned step can be pushed to or through zero)
-MIN_STEP_F32 = float(torch.tensor(MIN_STEP, dtype=torch.float32))  # the same, as the float32 kernels see it
+# the same, as the float32 kernels see it
+MIN_STEP_F32 = float(torch.tensor(MIN_STEP, dtype=torch.float32, device="cpu"))
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 

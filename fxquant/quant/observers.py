@@ -28,8 +28,8 @@ class _MinMaxFallback(nn.Module):
         super().__init__()
         self.averaging_constant = averaging_constant
         self.ch_axis = ch_axis
-        self.register_buffer("min_val", torch.tensor(float("inf")))
-        self.register_buffer("max_val", torch.tensor(float("-inf")))
+        self.register_buffer("min_val", torch.tensor(float("inf")))  # device: module state, moved by .to()
+        self.register_buffer("max_val", torch.tensor(float("-inf")))  # device: module state, moved by .to()
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:

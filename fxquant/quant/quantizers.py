@@ -77,8 +77,9 @@ class FakeQuantizer(nn.Module):
         self.group_size = config.group_size if config.granularity == "per_group" else None
         self.enabled = True
         # -1 undecided, 0 unsigned, 1 signed; a buffer so that save/load restores the decision.
-        self.register_buffer("signed_flag", torch.tensor(-1 if signed is None else int(signed), dtype=torch.int8))
-        self.register_buffer("initialized", torch.tensor(False))
+        flag = -1 if signed is None else int(signed)
+        self.register_buffer("signed_flag", torch.tensor(flag, dtype=torch.int8))  # device: module state (.to moves it)
+        self.register_buffer("initialized", torch.tensor(False))  # device: module state
         # Python mirrors of the two buffers, which every forward reads: reading a tensor's value there would be a
         # host sync in eager mode and a graph break under torch.compile. Written only by set_signed and
         # mark_initialized (and refreshed when a state_dict is loaded), so the pair never disagrees.
@@ -249,12 +250,12 @@ class LSQQuantizer(FakeQuantizer):
         self.learn_offset = config.learns_offset
         self.init = config.init
         # Shapes are fixed at the first batch (per-channel needs the channel count).
-        self.scale = nn.Parameter(torch.ones(1))
+        self.scale = nn.Parameter(torch.ones(1))  # device: module state, moved by .to()
         self.width_steps: nn.ParameterDict | None = None  # SAQ's supernet: one learned step per bit width
         if self.learn_offset:
-            self.zero_point = nn.Parameter(torch.zeros(1))
+            self.zero_point = nn.Parameter(torch.zeros(1))  # device: module state
         else:
-            self.register_buffer("zero_point", torch.zeros(1))
+            self.register_buffer("zero_point", torch.zeros(1))  # device: module state
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
@@ -408,8 +409,8 @@ class ObserverQuantizer(FakeQuantizer):
         super().__init__(config, ch_axis, signed, role)
         self.observer = observers.make_observer(config.observer, self.ch_axis)
         self.observing = True
-        self.register_buffer("scale", torch.ones(1))
-        self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
+        self.register_buffer("scale", torch.ones(1))  # device: module state, moved by .to()
+        self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))  # device: module state
 
     @torch.no_grad()
     def _update_qparams(self) -> None:

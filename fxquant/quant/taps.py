@@ -96,7 +96,8 @@ class FeaturePerturbation(nn.Module):
         if not (self.training and self.enabled and self.p > 0 and q.is_active and q.is_initialized):
             return x
         self.calls += 1
-        if float(torch.rand((), generator=self.generator)) >= self.p:
+        draw_on = self.generator.device if self.generator is not None else "cpu"  # a host-side coin
+        if float(torch.rand((), generator=self.generator, device=draw_on)) >= self.p:
             return x
         self.applied += 1
         step = q.scale.detach()

@@ -19,6 +19,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from fxquant.errors import PrepareError
 from fxquant.qat_model import QATModel
 from fxquant.quant.controls import disable_quant
+from fxquant.train.devices import model_device, to_device
 
 
 @dataclass
@@ -102,7 +103,7 @@ def measure(qmodel: QATModel, example_inputs: tuple) -> dict[str, LayerCost]:
     try:
         with torch.no_grad(), disable_quant(qmodel):
             try:
-                qmodel(*example_inputs)
+                qmodel(*to_device(tuple(example_inputs), model_device(qmodel)))
             except Exception as err:
                 raise PrepareError(
                     f"example_inputs do not fit the model: {type(err).__name__}: {err}. "

@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader
 
 from fxquant.qat_model import QATModel
 from fxquant.train.coreset import plain_view
-from fxquant.train.devices import model_device, to_device
 from fxquant.train.distributed import initialize_quantizers
 
 from .budget import parse_budget
@@ -22,15 +21,14 @@ from .report import report
 from .run import search
 
 
-def _warmup_batches(train_data: Any, batch_size: int, count: int, device: torch.device) -> list:
-    """``count`` shuffled training batches (seeded, with the data's own augmentation) for the supernet warm-up, on
-    ``device``."""
+def _warmup_batches(train_data: Any, batch_size: int, count: int) -> list:
+    """``count`` shuffled training batches (seeded, with the data's own augmentation) for the supernet warm-up."""
     shuffled = torch.Generator().manual_seed(1)
     loader = DataLoader(train_data, batch_size=batch_size, shuffle=True, generator=shuffled, drop_last=True)
     batches: list = []
     while len(batches) < count:
         for batch in loader:
-            batches.append(to_device((batch[0], batch[-1]), device))
+            batches.append((batch[0], batch[-1]))
             if len(batches) == count:
                 break
     return batches
@@ -50,8 +48,7 @@ def search_for_recipe(qmodel: QATModel, train_data: Any, batch_size: int, progre
     # shuffled (seeded): the first batches of a dataset stored in class order would calibrate on a few classes
     shuffled = torch.Generator().manual_seed(0)
     loader = DataLoader(plain_view(train_data), batch_size=batch_size, shuffle=True, generator=shuffled)
-    device = model_device(qmodel)
-    batches = [to_device((batch[0], batch[-1]), device) for _, batch in zip(range(config.batches), loader)]
+    batches = [(batch[0], batch[-1]) for _, batch in zip(range(config.batches), loader)]  # search() moves them
     plan, layers = search(
         qmodel,
         batches,
@@ -66,7 +63,7 @@ def search_for_recipe(qmodel: QATModel, train_data: Any, batch_size: int, progre
         iterations=config.iterations,
         search_first_last=config.search_first_last,
         activations=config.activations,
-        warmup_batches=_warmup_batches(train_data, batch_size, config.warmup_iterations, device)
+        warmup_batches=_warmup_batches(train_data, batch_size, config.warmup_iterations)
         if config.method == "saq"
         else (),
         budget_slack=config.budget_slack,

@@ -33,13 +33,13 @@ def save_bar_plot(layers: Sequence[LayerInfo], path: str | Path, height: int = 1
     """A PNG bar plot: one bar per layer, height ∝ log(1 + sensitivity/median), colour by bits
     (2 red, 3 orange, 4 yellow, 8 green, other blue). Written with torchvision (no plotting library)."""
     colours = {2: (0.85, 0.2, 0.2), 3: (0.95, 0.55, 0.1), 4: (0.95, 0.85, 0.2), 8: (0.2, 0.7, 0.3)}
-    values = torch.tensor([max(layer.sensitivity, 0.0) for layer in layers], dtype=torch.float64)
+    values = torch.tensor([max(layer.sensitivity, 0.0) for layer in layers], dtype=torch.float64, device="cpu")
     scaled = torch.log1p(values / (values.median() + 1e-12))
     scaled = scaled / (scaled.max() + 1e-12)
-    image = torch.ones(3, height, len(layers) * (bar + 2) + 2)
+    image = torch.ones(3, height, len(layers) * (bar + 2) + 2, device="cpu")  # a PNG
     for i, (layer, v) in enumerate(zip(layers, scaled.tolist())):
         top = height - 1 - max(1, int(v * (height - 4)))
-        colour = torch.tensor(colours.get(layer.bits, (0.2, 0.4, 0.85)))[:, None, None]
+        colour = torch.tensor(colours.get(layer.bits, (0.2, 0.4, 0.85)), device="cpu")[:, None, None]
         image[:, top : height - 1, 2 + i * (bar + 2) : 2 + i * (bar + 2) + bar] = colour
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,7 @@ import torch
 from fxquant.errors import FxQuantError
 from fxquant.qat_model import QATModel
 from fxquant.quant.controls import disable_quant
+from fxquant.train.devices import model_device, to_device
 
 from .allocation import Option, allocate
 from .budget import DEFAULT_CANDIDATES, LayerInfo, layer_table, parse_budget, tie_groups
@@ -96,6 +97,9 @@ def search(
     """
     if method not in ("hessian", "sam", "saq"):
         raise FxQuantError(f"search method must be 'hessian', 'sam' or 'saq', got {method!r}")
+    device = model_device(qmodel)  # every batch is used where the model is
+    batches = [to_device(tuple(batch), device) for batch in batches]
+    warmup_batches = [to_device(tuple(batch), device) for batch in warmup_batches]
     if method == "saq":  # SAQ's learned generator: the last batch is held out
         if len(batches) < 2:
             raise FxQuantError("the saq method needs at least 2 batches (training and held-out)")

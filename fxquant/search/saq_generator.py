@@ -60,8 +60,9 @@ class Controller(nn.Module):
         nn.init.zeros_(self.head.bias)  # uniform choices at the start
 
     def sample(self, greedy: bool = False, generator: torch.Generator | None = None):
-        h = c = torch.zeros(1, self.cell.hidden_size)
-        token = torch.tensor([self.start])
+        device = self.head.weight.device
+        h = c = torch.zeros(1, self.cell.hidden_size, device=device)
+        token = torch.tensor([self.start], device=device)
         actions, log_probs, entropies = [], [], []
         for _ in range(self.layers):
             h, c = self.cell(self.embed(token), (h, c))
@@ -71,7 +72,7 @@ class Controller(nn.Module):
             log_probs.append(F.log_softmax(logits, dim=0)[action])
             entropies.append(-(probs * F.log_softmax(logits, dim=0)).sum())
             actions.append(action)
-            token = torch.tensor([action])
+            token = torch.tensor([action], device=device)
         return actions, torch.stack(log_probs).sum(), torch.stack(entropies).sum()
 
 
@@ -142,7 +143,8 @@ def generate(
         q.share_steps_across(sorted(set(candidates) | {q.bits}))
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    controller = Controller(len(searchable), len(candidates))
+    with torch.device("cpu"):  # the controller is a small host-side LSTM, whatever the default device
+        controller = Controller(len(searchable), len(candidates))
     controller_opt = torch.optim.Adam(controller.parameters(), lr=controller_lr)
     supernet_opt = torch.optim.SGD([p for p in qmodel.parameters() if p.requires_grad], lr=lr, momentum=0.9)
     sam = SAM(qmodel, SAMConfig(rho=rho))
@@ -160,7 +162,8 @@ def generate(
     try:
         qmodel.train()
         for x, y in warmup_batches:  # the supernet learns every width before the controller judges them
-            actions = [int(a) for a in torch.randint(len(candidates), (len(searchable),), generator=generator)]
+            drawn = torch.randint(len(candidates), (len(searchable),), generator=generator, device="cpu")
+            actions = [int(a) for a in drawn]
             apply(qmodel, plan_of(actions))
             sam.step(lambda x=x, y=y: {"ce": F.cross_entropy(qmodel(x), y)})
             supernet_opt.step()
@@ -183,7 +186,8 @@ def generate(
             controller_loss = -(reward - baseline) * log_prob - entropy_weight * entropy
             controller_opt.zero_grad()
             controller_loss.backward()
-            controller_opt.step()
+            with torch.device("cpu"):  # Adam's step counters next to the controller's parameters
+                controller_opt.step()
             result.history.append({"cost": cost, "sam_loss": perturbed, "bops_ratio": ratio})
         # final choice: sampled configurations inside the budget, least sharpness on held-out data
         qmodel.eval()

@@ -123,7 +123,7 @@ def hutchinson_traces(
             for k in range(1, max_iterations + 1):
                 # Rademacher probes drawn on the CPU (the same on every device), used where each variable is
                 vs = [
-                    torch.randint(0, 2, v.shape, generator=generator).to(v.device, v.dtype).mul_(2).sub_(1)
+                    torch.randint(0, 2, v.shape, generator=generator, device="cpu").to(v.device, v.dtype) * 2 - 1
                     for v in variables
                 ]
                 hvs = torch.autograd.grad(grads, variables, grad_outputs=vs, retain_graph=True)

@@ -14,13 +14,13 @@ def augment_image(image: torch.Tensor, kind: str, generator: torch.Generator | N
     """One augmented copy of a (C, H, W) image (see FashionMNIST for the kinds)."""
     _, h, w = image.shape
     padded = torch.nn.functional.pad(image, (2, 2, 2, 2), value=float(image.min()))
-    dy, dx = (int(v) for v in torch.randint(0, 5, (2,), generator=generator))
+    dy, dx = (int(v) for v in torch.randint(0, 5, (2,), generator=generator, device="cpu"))
     out = padded[:, dy : dy + h, dx : dx + w]
-    if torch.rand((), generator=generator) < 0.5:
+    if torch.rand((), generator=generator, device="cpu") < 0.5:
         out = out.flip(-1)
     if kind == "strong":
-        size = int(torch.randint(6, 13, (), generator=generator))
-        y, x = (int(v) for v in torch.randint(0, h - size, (2,), generator=generator))
+        size = int(torch.randint(6, 13, (), generator=generator, device="cpu"))
+        y, x = (int(v) for v in torch.randint(0, h - size, (2,), generator=generator, device="cpu"))
         out = out.clone()
         out[:, y : y + size, x : x + size] = 0.0
     return out
@@ -40,10 +40,12 @@ def augment_batch(x: torch.Tensor, kind: str = "strong", generator: torch.Genera
     if x.dim() != 4:
         raise ValueError(f"augment_batch expects (N, C, H, W) images, got shape {tuple(x.shape)}")
     n, _, h, w = x.shape
-    shift = torch.randint(0, 5, (n, 2), generator=generator)
-    flip = torch.rand(n, generator=generator) < 0.5
-    size = torch.randint(6, 13, (n,), generator=generator)
-    corner = (torch.rand(n, 2, generator=generator) * (torch.tensor([h, w]) - size[:, None])).long()
+    # drawn on the host, where the generator is
+    shift = torch.randint(0, 5, (n, 2), generator=generator, device="cpu")
+    flip = torch.rand(n, generator=generator, device="cpu") < 0.5
+    size = torch.randint(6, 13, (n,), generator=generator, device="cpu")
+    room = torch.tensor([h, w], device="cpu") - size[:, None]
+    corner = (torch.rand(n, 2, generator=generator, device="cpu") * room).long()
     shift, flip, size, corner = (t.to(x.device, non_blocking=True) for t in (shift, flip, size, corner))
     # shifted by up to 2 pixels each way, the border filled with each image's minimum
     rows = torch.arange(h, device=x.device) + shift[:, :1] - 2  # (n, h): source row of each output row

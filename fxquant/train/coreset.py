@@ -123,7 +123,7 @@ def score_samples(
     try:
         for batch in loader:
             x, y = to_device((batch[0], batch[-1]), device)
-            rows = torch.tensor(indices[position : position + len(y)]).to(device, non_blocking=True)
+            rows = torch.tensor(indices[position : position + len(y)], device=device)
             position += len(y)
             probs = F.softmax(model(x), dim=1)
             classes = num_classes or probs.shape[1]
@@ -164,7 +164,7 @@ def select(scores: torch.Tensor, labels: torch.Tensor, fraction: float) -> torch
 def random_subset(labels: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:
     """The class-balanced random subset of the same size as :func:`select` (the baseline ACS must beat)."""
     generator = torch.Generator().manual_seed(seed)
-    return select(torch.rand(len(labels), generator=generator), labels, fraction)
+    return select(torch.rand(len(labels), generator=generator, device="cpu"), labels, fraction)
 
 
 class CoresetSampler(Sampler[int]):
@@ -187,7 +187,7 @@ class CoresetSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = self.indices[torch.randperm(len(self.indices), generator=generator)]
+        order = self.indices[torch.randperm(len(self.indices), generator=generator, device="cpu")]
         per_rank = len(self)
         return iter(order[self.info.rank : per_rank * self.info.world_size : self.info.world_size].tolist())
 
@@ -236,7 +236,7 @@ class CoresetSelector:
         changed = len(set(chosen.tolist()) - previous) if previous else len(chosen)
         self.current = chosen
         counts = torch.bincount(scores.labels[chosen])
-        q = torch.quantile(combined[chosen].double(), torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64))
+        q = torch.quantile(combined[chosen].double(), torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64, device="cpu"))
         noisy = getattr(dataset, "noisy", None)
         record = Refresh(
             epoch,
@@ -291,17 +291,17 @@ class NoisyLabels(Dataset):
             raise ValueError(f"label-noise fraction must be in [0, 1], got {fraction}")
         self.dataset = dataset
         labels = (
-            torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))])
+            torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))], device="cpu")
             if not hasattr(dataset, "labels")
             else dataset.labels.clone()
         )
         generator = torch.Generator().manual_seed(seed)
         count = round(fraction * len(labels))
-        chosen = torch.randperm(len(labels), generator=generator)[:count]
-        shift = torch.randint(1, num_classes, (count,), generator=generator)
+        chosen = torch.randperm(len(labels), generator=generator, device="cpu")[:count]
+        shift = torch.randint(1, num_classes, (count,), generator=generator, device="cpu")
         self.labels = labels.clone()
         self.labels[chosen] = (labels[chosen] + shift) % num_classes
-        self.noisy = torch.zeros(len(labels), dtype=torch.bool)
+        self.noisy = torch.zeros(len(labels), dtype=torch.bool, device="cpu")
         self.noisy[chosen] = True
 
     @property

@@ -99,7 +99,8 @@ class TrainStep:
         self.criterion = criterion or nn.CrossEntropyLoss()
         recipe = self.student.recipe if isinstance(self.student, QATModel) else None
         if losses is None:
-            losses = build_losses(recipe.losses) if recipe is not None else []
+            with torch.device(device):  # a loss's own modules (a gate) are built where the model is
+                losses = build_losses(recipe.losses) if recipe is not None else []
         self.losses = list(losses)
         self.loss_parameters = self._adopt_loss_parameters()
         float_model = teacher if teacher is not None else getattr(self.student, "float_model", None)

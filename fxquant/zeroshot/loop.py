@@ -98,9 +98,10 @@ def train(
         first = next((m for m in teacher.modules() if isinstance(m, nn.Conv2d)), None)
         image_shape = (first.in_channels if first is not None else 1, 28, 28)
     torch.manual_seed(int(settings.seed))
-    generator = Generator(
-        num_classes, image_shape, settings.latent_dim, settings.generator_channels, settings.long_range
-    ).to(device)
+    with torch.device(device):  # built where the model is
+        generator = Generator(
+            num_classes, image_shape, settings.latent_dim, settings.generator_channels, settings.long_range
+        )
     g_opt = torch.optim.Adam(generator.parameters(), lr=settings.generator_lr, betas=(0.5, 0.999))
     s_params = [p for p in qmodel.parameters() if p.requires_grad]
     if settings.student_optimizer == "adam":
@@ -193,7 +194,7 @@ def save_grid(generator: Generator, path: str | Path, per_class: int = 8, seed: 
     classes = generator.embed.num_embeddings
     g = torch.Generator().manual_seed(seed)
     device = generator.embed.weight.device
-    z = torch.randn(classes * per_class, generator.latent_dim, generator=g).to(device)
+    z = torch.randn(classes * per_class, generator.latent_dim, generator=g, device="cpu").to(device)
     y = torch.arange(classes, device=device).repeat_interleave(per_class)
     images = generator(z, y).cpu()
     path = Path(path)
