@@ -6,8 +6,13 @@ Benchmarks import this module and the shared helpers (``train_steps``, ``peers``
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import os
+import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -79,6 +84,65 @@ def mean_std(values: list[float], digits: int = 2) -> str:
 def command_line() -> str:
     """How this benchmark was run, for the top of its results."""
     return f"python {Path(sys.argv[0]).as_posix().split('/')[-2]}/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:])
+
+
+def _run(command: list[str]) -> str:
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=20, cwd=RESULTS.parent.parent)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def commit() -> str:
+    """The commit measured (``git rev-parse``; ``$FXQUANT_COMMIT`` where the checkout travelled without .git), with
+    ``+dirty`` when files differ from it."""
+    found = _run(["git", "rev-parse", "--short=12", "HEAD"]) if shutil.which("git") else ""
+    if not found:
+        return os.environ.get("FXQUANT_COMMIT", "unknown")
+    return found + ("+dirty" if _run(["git", "status", "--porcelain", "--untracked-files=no"]) else "")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment_record() -> dict[str, Any]:
+    """What a results file records about its run: the command, the commit, the machine and the library versions,
+    as Markdown (for the top of the file) and as fields (for its JSON).
+
+    Example usage::
+
+        record = environment_record()
+        text = f"# My benchmark\n\n{record['markdown']}\n\n..."
+    """
+    fields: dict[str, Any] = {
+        "command": command_line().strip(),
+        "commit": commit(),
+        "cpu": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads",
+        "python": platform.python_version(),
+        "versions": {
+            name: version
+            for name in ("torch", "torchvision", "triton", "transformers", "torchao", "onnxruntime")
+            if (version := _version(name)) is not None
+        },
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        driver = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]).splitlines()
+        fields["gpu"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs"
+        fields["driver"] = driver[0] if driver else "unknown"
+        fields["cuda"] = torch.version.cuda
+    versions = ", ".join(f"{name} {version}" for name, version in fields["versions"].items())
+    machine = f"GPU {fields['gpu']} (driver {fields['driver']}, CUDA {fields['cuda']}); " if "gpu" in fields else ""
+    markdown = (
+        f"Command: `{fields['command']}`; commit {fields['commit']}.\n"
+        f"Machine: {machine}CPU {fields['cpu']}; Python {fields['python']}; {versions}."
+    )
+    return {"markdown": markdown, "fields": fields}
 
 
 def write_results(stem: str, markdown: str, payload: dict[str, Any]) -> Path:

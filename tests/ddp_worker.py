@@ -1,5 +1,5 @@
-"""Run by tests/test_distributed.py under torchrun (2 gloo ranks) and in-process (1 rank): a tiny QAT fit whose
-final state each rank writes to OUT_DIR/rank{R}.pt."""
+"""Run by tests/test_distributed.py under torchrun (2 gloo ranks) and in-process (1 rank), and by tests/test_gpu.py
+under torchrun on one GPU (nccl): a tiny QAT fit whose final state each rank writes to OUT_DIR/rank{R}.pt."""
 
 from __future__ import annotations
 
@@ -47,6 +47,8 @@ def run(out_dir: Path, mode: str) -> None:
             "state": qmodel.state_dict(),
             "history": [(h.train_loss, h.test_top1, h.test_loss) for h in history],
             "saved": written is not None,
+            "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
+            "device": str(fxquant.train.devices.model_device(qmodel)),
         },
         out_dir / f"rank{rank}.pt",
     )

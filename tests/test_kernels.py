@@ -249,8 +249,10 @@ def test_the_backward_and_per_token_ops_pass_torch_library_opcheck():
         torch.library.opcheck(torch.ops.fxquant.fake_quantize_backward.default, args,
                               test_utils=("test_schema", "test_faketensor"))  # fmt: skip
     hidden = torch.randn(2, 5, 16, requires_grad=True)
-    torch.library.opcheck(torch.ops.fxquant.fake_quantize_dynamic.default, (hidden, -128, 127, False),
-                          test_utils=OPCHECK)  # fmt: skip
+    heads = torch.randn(2, 16, 4, 8).transpose(1, 2).requires_grad_()  # attention's (batch, heads, tokens, dim) view
+    for x in (hidden, heads):
+        torch.library.opcheck(torch.ops.fxquant.fake_quantize_dynamic.default, (x, -128, 127, False),
+                              test_utils=OPCHECK)  # fmt: skip
 
 
 LAYOUTS = {

@@ -82,12 +82,12 @@ def _library() -> tuple[torch.library.Library, Kernels]:
     torch.library.register_fake("fxquant::fake_quantize_dynamic", _fake_dynamic, lib=lib)
     lib.impl("fake_quantize", _reference_forward, "CompositeExplicitAutograd")
     lib.impl("fake_quantize_backward", _reference_backward, "CompositeExplicitAutograd")
-    lib.impl("fake_quantize_dynamic", reference.dynamic_forward, "CompositeExplicitAutograd")
+    lib.impl("fake_quantize_dynamic", _reference_dynamic, "CompositeExplicitAutograd")
     triton = _triton_kernels()
     if triton is not None:
         lib.impl("fake_quantize", triton.fake_quantize_forward, "CUDA")
         lib.impl("fake_quantize_backward", triton.fake_quantize_backward, "CUDA")
-        lib.impl("fake_quantize_dynamic", functools.partial(_triton_dynamic, triton), "CUDA")
+        lib.impl("fake_quantize_dynamic", _triton_dynamic, "CUDA")
     cuda = "Triton" if triton is not None else "reference"
     try:
         if not native_kernel_requested():
@@ -143,9 +143,13 @@ def _triton_kernels() -> ModuleType | None:
         return None
 
 
-def _triton_dynamic(triton: ModuleType, x: torch.Tensor, qmin: int, qmax: int, symmetric: bool) -> torch.Tensor:
-    y = triton.fake_quantize_dynamic(x, qmin, qmax, symmetric)
-    return reference.dynamic_forward(x, qmin, qmax, symmetric) if y is None else y
+def _triton_dynamic(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool) -> torch.Tensor:
+    y = _triton_kernels().fake_quantize_dynamic(x, qmin, qmax, symmetric)
+    return _reference_dynamic(x, qmin, qmax, symmetric) if y is None else y
+
+
+def _reference_dynamic(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool) -> torch.Tensor:
+    return in_layout_of(reference.dynamic_forward(x, qmin, qmax, symmetric), x)
 
 
 def _reference_forward(x, scale, zero_point, qmin, qmax, grad_factor, input_low, input_high):

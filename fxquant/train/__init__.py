@@ -10,8 +10,9 @@ Example usage::
     step = fxquant.TrainStep(qmodel, optimizer)
 """
 
-from . import coreset, distributed, losses
+from . import coreset, devices, distributed, losses
 from .augment import augment_batch, augment_image
+from .devices import Precision, model_device, resolve_device, to_device
 from .loop import EpochRecord, TrainingDiverged, evaluate, make_loader, progress_bar, run_epoch
 from .optim import lr_at, make_optimizer, parameter_groups
 from .sam import SAM
@@ -21,6 +22,7 @@ from .teachers import copy_for_teacher, float_teacher, freeze
 __all__ = [
     "SAM",
     "EpochRecord",
+    "Precision",
     "TrainStep",
     "TrainingDiverged",
     "augment_batch",
@@ -28,6 +30,7 @@ __all__ = [
     "build_teacher",
     "copy_for_teacher",
     "coreset",
+    "devices",
     "distributed",
     "evaluate",
     "float_teacher",
@@ -36,8 +39,11 @@ __all__ = [
     "lr_at",
     "make_loader",
     "make_optimizer",
+    "model_device",
     "parameter_groups",
     "progress_bar",
+    "resolve_device",
     "run_epoch",
+    "to_device",
     "unwrap",
 ]

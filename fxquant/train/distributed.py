@@ -29,11 +29,13 @@ from .devices import model_device, to_device
 
 @dataclass(frozen=True)
 class DistInfo:
-    """This process's place in the job. ``world_size == 1`` for an ordinary single-process run."""
+    """This process's place in the job: a world of one for an ordinary single-process run. ``joined`` is True
+    in a process group (under torchrun, also with one rank: then the data-parallel path runs on one process)."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    joined: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -41,32 +43,30 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.joined
 
 
 def setup(mode: str = "auto") -> DistInfo:
-    """Join the process group when launched by ``torchrun`` (``mode="auto"``), or stay single-process
-    (``mode="off"``). Returns this process's rank and the world size.
+    """Join the process group when launched by ``torchrun`` (``mode="auto"``; also with ``--nproc_per_node 1``), or
+    stay single-process (``mode="off"``, or no torchrun). Returns this process's rank and the world size.
 
     Example usage::
 
-        info = fxquant.distributed.setup()    # under torchrun --nproc_per_node 2: rank 0 or 1 of 2
+        info = fxquant.train.distributed.setup()    # under torchrun --nproc_per_node 2: rank 0 or 1 of 2
     """
     if mode not in ("auto", "off"):
         raise ValueError(f"distributed mode must be 'auto' or 'off', got {mode!r}")
     if not torch.distributed.is_available():
         return DistInfo()
-    if torch.distributed.is_initialized():
-        return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), _local_rank())
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if mode == "off" or world_size <= 1:
-        return DistInfo()
-    backend = "gloo"
-    if torch.cuda.is_available():
-        backend = "nccl"
-        torch.cuda.set_device(_local_rank() % torch.cuda.device_count())  # one device per rank
-    torch.distributed.init_process_group(backend=backend)
-    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), _local_rank())
+    if not torch.distributed.is_initialized():
+        if mode == "off" or "WORLD_SIZE" not in os.environ or "MASTER_ADDR" not in os.environ:
+            return DistInfo()  # not launched by torchrun
+        backend = "gloo"
+        if torch.cuda.is_available():
+            backend = "nccl"
+            torch.cuda.set_device(_local_rank() % torch.cuda.device_count())  # one device per rank
+        torch.distributed.init_process_group(backend=backend)
+    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), _local_rank(), True)
 
 
 def _local_rank() -> int:
