@@ -159,10 +159,14 @@ def test_whole_networks_agree_layer_by_layer(name):
     layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, fxquant.QuantizedLayer)}
     gpu_layers = dict(gpu.named_modules())
     seen: dict[str, tuple] = {}
-    hooks = [
-        gpu_layers[n].register_forward_hook(lambda m, args, out, n=n: seen.setdefault(n, (args, out)))
-        for n in layers
-    ]
+
+    def record(name: str):
+        def hook(module, args, out) -> None:  # returns None: the output is left as it is
+            seen.setdefault(name, (args, out))
+
+        return hook
+
+    hooks = [gpu_layers[n].register_forward_hook(record(n)) for n in layers]
     with torch.no_grad():
         gpu(x.to(CUDA))
     for hook in hooks:
