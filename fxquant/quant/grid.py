@@ -32,11 +32,13 @@ def rows_are_blocks(x: torch.Tensor) -> bool:
 
 def in_layout_of(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``t`` (x's shape) with the strides of ``torch.empty_like(x)``, the layout fxquant's ops promise for their
-    outputs: ``t`` itself when it has them, else a copy.
+    outputs: ``t`` itself when it has them (no allocation when x is dense and t has its strides), else a copy.
 
     Example usage::
 
         y = in_layout_of(y_contiguous, x_channels_last)
     """
+    if t.stride() == x.stride():
+        return t
     out = torch.empty_like(x, dtype=t.dtype)
     return t if out.stride() == t.stride() else out.copy_(t)

@@ -59,11 +59,20 @@ at::Tensor as_blocks(const at::Tensor &x) {
   return rows_are_blocks(t) ? t : t.contiguous();
 }
 
-// t (computed over `blocks`, x's shape) in x's dtype with the strides of at::empty_like(x): what the fake kernel says.
-at::Tensor like_x(const at::Tensor &t, const at::Tensor &x) {
-  at::Tensor out = at::empty_like(x);
-  if (out.strides() == t.strides() && out.scalar_type() == t.scalar_type()) return t;
-  return out.copy_(t);
+// t (computed over `blocks`, x's shape) as `dtype` with the strides of at::empty_like(x), what the fake kernel says:
+// t itself in the usual case (x dense, so t has x's strides), a copy otherwise. No allocation on the fast path.
+at::Tensor like_x(const at::Tensor &t, const at::Tensor &x, at::ScalarType dtype) {
+  const at::Tensor out = t.scalar_type() == dtype ? t : t.to(dtype);
+  if (out.strides() == x.strides()) return out;
+  at::Tensor expected = at::empty_like(x, out.options());
+  return expected.strides() == out.strides() ? out : expected.copy_(out);
+}
+
+at::Tensor nothing(const at::Tensor &like) { return at::empty({0}, like.options()); }
+
+// per-row sums as the gradient of a parameter: summed when one value serves every row
+at::Tensor per_parameter(const at::Tensor &rows, const at::Tensor &parameter) {
+  return (parameter.numel() == rows.numel() ? rows : rows.sum()).reshape(parameter.sizes());
 }
 
 struct Rows {
@@ -110,7 +119,7 @@ at::Tensor forward_cpu(const at::Tensor &x, const at::Tensor &scale, const std::
   fxq_forward(blocks.const_data_ptr<float>(), out.mutable_data_ptr<float>(), r.rows, r.inner,
               steps.const_data_ptr<float>(), r.scale_stride, offset, r.offset_stride, kMinStep, qmin, qmax,
               input_low, input_high, at::get_num_threads());
-  return like_x(out, x);
+  return like_x(out, x, x.scalar_type());
 }
 
 Grads backward_cpu(const at::Tensor &grad, const at::Tensor &x, const at::Tensor &scale,
@@ -119,31 +128,28 @@ Grads backward_cpu(const at::Tensor &grad, const at::Tensor &x, const at::Tensor
   const Rows r = check_arguments("fxquant::fake_quantize_backward", x, scale, zero_point);
   TORCH_CHECK(grad.sizes() == x.sizes(), "fxquant::fake_quantize_backward: grad ", grad.sizes(), " and x ",
               x.sizes(), " differ in shape");
-  const bool has_offset = zero_point.has_value() && zero_point->defined();
-  at::Tensor grad_x = mask[0] ? at::empty_like(x) : at::empty({0}, x.options());
-  at::Tensor grad_scale = mask[1] ? at::zeros_like(scale) : at::empty({0}, scale.options());
-  at::Tensor grad_offset = mask[2] && has_offset ? at::zeros_like(*zero_point) : at::empty({0}, scale.options());
-  if (x.numel() == 0) return {grad_x, grad_scale, grad_offset};
+  const bool want_offset = mask[2] && zero_point.has_value() && zero_point->defined();
+  if (x.numel() == 0)  // nothing to sum: zero gradients of the asked shapes
+    return {mask[0] ? at::zeros_like(x) : nothing(x), mask[1] ? at::zeros_like(scale) : nothing(scale),
+            want_offset ? at::zeros_like(*zero_point) : nothing(scale)};
   const at::Tensor blocks = as_blocks(x), steps = scale.contiguous();
   // grad brought to the storage order of the blocks
   const at::Tensor g = grad.to(at::kFloat).contiguous(blocks.suggest_memory_format());
   at::Tensor offsets;
   const float *offset = offset_data(zero_point, offsets);
   at::Tensor gx = mask[0] ? at::empty_like(blocks) : at::Tensor();
-  // the sums are per row (per step); with one offset shared by several steps they are added up afterwards
+  // the sums are per row; a step or offset shared by several rows gets their total
   at::Tensor row_scale = mask[1] ? at::empty({r.rows}, scale.options()) : at::Tensor();
-  at::Tensor row_offset = mask[2] && has_offset ? at::empty({r.rows}, scale.options()) : at::Tensor();
+  at::Tensor row_offset = want_offset ? at::empty({r.rows}, scale.options()) : at::Tensor();
   const int status = fxq_backward(
       g.const_data_ptr<float>(), blocks.const_data_ptr<float>(), mask[0] ? gx.mutable_data_ptr<float>() : nullptr,
       r.rows, r.inner, steps.const_data_ptr<float>(), r.scale_stride, offset, r.offset_stride, kMinStep, qmin, qmax,
       input_low, input_high, grad_factor, mask[1] ? row_scale.mutable_data_ptr<float>() : nullptr,
-      row_offset.defined() ? row_offset.mutable_data_ptr<float>() : nullptr, at::get_num_threads());
+      want_offset ? row_offset.mutable_data_ptr<float>() : nullptr, at::get_num_threads());
   TORCH_CHECK(status == 0, "fxquant's native kernel could not allocate sums for ", r.rows, " rows");
-  if (mask[0]) grad_x = like_x(gx.to(grad.scalar_type()), x);
-  if (mask[1]) grad_scale.view(-1).copy_(scale.numel() == r.rows ? row_scale : row_scale.sum().reshape(1));
-  if (row_offset.defined())
-    grad_offset.view(-1).copy_(zero_point->numel() == r.rows ? row_offset : row_offset.sum().reshape(1));
-  return {grad_x, grad_scale, grad_offset};
+  return {mask[0] ? like_x(gx, x, grad.scalar_type()) : nothing(x),
+          mask[1] ? per_parameter(row_scale, scale) : nothing(scale),
+          want_offset ? per_parameter(row_offset, *zero_point) : nothing(scale)};
 }
 
 // The ops as the dispatcher knows them, looked up once (ops.py defines them before loading this library).
