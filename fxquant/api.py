@@ -18,7 +18,7 @@ from torch import fx, nn
 from fxquant.config import Recipe, load_recipe
 from fxquant.config.quoting import quote_key
 from fxquant.errors import FxQuantError, PrepareError, RecipeError, TraceError, closest
-from fxquant.passes import PREPARE_PASSES, PassContext, run_passes, swap_modules, trace_model
+from fxquant.passes import ORDER_RULES, PREPARE_PASSES, PassContext, run_passes, swap_modules, trace_model
 from fxquant.passes.annotate import quantizable_nodes
 from fxquant.qat_model import PrepareOptions, PrepareReport, QATModel, graft
 from fxquant.quant.attention import TraceableAttention
@@ -151,7 +151,7 @@ def _prepare(
     for path in sorted(traced.pieces, key=order.index):
         ctx.piece = path
         ctx.resolve_first, ctx.resolve_last = ends[path]
-        prepared[path] = run_passes(traced.pieces[path], PREPARE_PASSES, ctx)
+        prepared[path] = run_passes(traced.pieces[path], PREPARE_PASSES, ctx, ORDER_RULES)
     _check_recipe_fits(recipe, ctx)
 
     quantized = {r.name for r in ctx.layers.values()}

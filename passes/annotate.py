@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
 
 from fxquant.quant.spec import QuantSpec
 
@@ -68,8 +69,9 @@ def _attention_scope(name: str, scopes: dict[str, str]) -> str | None:
     return scopes[max(holders, key=len)] if holders else None
 
 
-def annotate(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Set ``node.meta['fxquant_spec']`` on every quantizable node. Idempotent: specs are recomputed."""
+def annotate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Set ``node.meta['fxquant_spec']`` on every quantizable node. Idempotent: specs are recomputed. Node metadata
+    only: the graph is not modified."""
     quant = ctx.recipe.quant
     roles = graph_roles(gm)  # leaf_modules layers still count as ends: the layer after them is not "first"
     for node in quantizable_nodes(gm, embeddings=True):
@@ -107,4 +109,4 @@ def annotate(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         node.meta[SPEC_KEY] = QuantSpec(weight=weight, activation=activation, rules=tuple(applied))
         node.meta[LAYER_KEY] = name
         node.meta[ROLE_KEY] = role
-    return gm
+    return PassResult(gm, False)

@@ -9,6 +9,7 @@ shared by layers given different widths takes the widest of them, and the contex
 from __future__ import annotations
 
 from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
 
 from fxquant.quant.controls import LayerQuantizers, apply_bit_plan
 
@@ -16,9 +17,10 @@ from .context import PassContext
 from .insert_quantizers import QUANTIZERS_KEY
 
 
-def assign_bits(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+def assign_bits(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Apply ``ctx.recipe.bit_plan`` (layers it does not name keep their spec's widths) to ``gm``'s quantizers.
-    Plan names are checked against the whole model by the caller: a piece holds only some of its layers."""
+    Plan names are checked against the whole model by the caller: a piece holds only some of its layers. Sets
+    quantizer state only: the graph is not modified."""
     records = [n.meta[QUANTIZERS_KEY] for n in gm.graph.nodes if QUANTIZERS_KEY in n.meta]
     layers = [
         LayerQuantizers(
@@ -31,4 +33,4 @@ def assign_bits(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     ]
     for note in apply_bit_plan(layers, ctx.recipe.bit_plan):
         ctx.note(note)
-    return gm
+    return PassResult(gm, False)

@@ -15,6 +15,7 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
 
 from fxquant.quant.attention import add_causal_mask, add_sdpa_mask, repeat_kv_heads, sdpa_scale
 
@@ -31,10 +32,11 @@ def _arguments(node: fx.Node) -> dict:
     return bound
 
 
-def decompose_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+def decompose_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Replace fused attention calls by explicit ops when the recipe asks for ``quant.attention = "explicit"``."""
     if ctx.recipe.quant.attention != "explicit":
-        return gm
+        return PassResult(gm, False)
+    modified = False
     graph = gm.graph
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not F.scaled_dot_product_attention:
@@ -62,7 +64,9 @@ def decompose_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             made.meta.setdefault("nn_module_stack", node.meta.get("nn_module_stack", {}))
         node.replace_all_uses_with(out)
         graph.erase_node(node)
+        modified = True
         ctx.note(f"{node.name}: fused attention written as explicit ops (quant.attention = 'explicit')")
-    graph.lint()
-    gm.recompile()
-    return gm
+    if modified:
+        graph.lint()
+        gm.recompile()
+    return PassResult(gm, modified)

@@ -7,6 +7,7 @@ running statistics during training (see fxquant.layers.ConvBn). A no-op when the
 from __future__ import annotations
 
 from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassResult
 
 from fxquant.quant.layers import ConvBn
 
@@ -16,10 +17,11 @@ from .patterns import module_of
 _CONV_BN = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
 
 
-def fold_bn(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+def fold_bn(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Replace ``conv → bn`` call_module pairs with one ConvBn module at the conv's path."""
     if ctx.recipe.quant.bn != "fold":
-        return gm
+        return PassResult(gm, False)
+    modified = False
     conv_uses: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -38,8 +40,10 @@ def fold_bn(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         gm.get_submodule(parent).register_module(name, ConvBn(conv, bn))
         bn_node.replace_all_uses_with(node)
         gm.graph.erase_node(bn_node)
+        modified = True
         ctx.note(f"folded {ctx.qualify(str(bn_node.target))} into {ctx.qualify(str(node.target))}")
-    gm.graph.lint()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    return gm
+    if modified:
+        gm.graph.lint()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+    return PassResult(gm, modified)

@@ -21,6 +21,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassResult
 
 from fxquant.quant.quantizers import LSQQuantizer
 
@@ -67,10 +68,10 @@ def _activation_range(gm: fx.GraphModule, node: fx.Node) -> tuple[tuple[float, f
     return None
 
 
-def fuse_activations(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+def fuse_activations(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Fold every ReLU/ReLU6/Hardtanh whose only reader is an LSQ activation quantizer into that quantizer."""
     if not ctx.recipe.quant.fuse_activations:
-        return gm
+        return PassResult(gm, False)
     calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
     fused: Counter[str] = Counter()
     for node in list(gm.graph.nodes):
@@ -100,4 +101,4 @@ def fuse_activations(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         counts = ", ".join(f"{n} {kind}" for kind, n in sorted(fused.items()))
         ctx.note(f"fused {counts} into the activation quantizers that read them")
         gm.recompile()
-    return gm
+    return PassResult(gm, bool(fused))

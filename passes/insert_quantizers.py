@@ -17,6 +17,7 @@ from dataclasses import replace
 
 import torch
 from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
 
 from fxquant.quant.layers import ConvBn, QuantizedLayer, to_quantized, weight_channel_axis
 from fxquant.quant.quantizers import FakeQuantizer, group_problem, make_quantizer
@@ -60,32 +61,39 @@ def _fit_groups(config: QuantizerConfig, weight: object, layer: str, ctx: PassCo
     return replace(config, granularity="per_channel")
 
 
-def _quantize_module_weight(gm: fx.GraphModule, node: fx.Node, config: QuantizerConfig, ctx: PassContext) -> str:
+def _quantize_module_weight(
+    gm: fx.GraphModule, node: fx.Node, config: QuantizerConfig, ctx: PassContext
+) -> tuple[str, bool]:
+    """The weight quantizer's path, and whether it was created now (False: the layer already had one)."""
     module = gm.get_submodule(node.target)
+    created = False
     config = _fit_groups(config, getattr(module, "weight", None), node.meta[LAYER_KEY], ctx)
     if isinstance(module, ConvBn):
         if not isinstance(module.weight_quantizer, FakeQuantizer):
             module.weight_quantizer = make_quantizer(config, "weight", ch_axis=weight_channel_axis(module))
+            created = True
     elif not isinstance(module, QuantizedLayer):
         quantizer = make_quantizer(config, "weight", ch_axis=weight_channel_axis(module))
         parent, _, name = str(node.target).rpartition(".")
         gm.get_submodule(parent).register_module(name, to_quantized(module, quantizer))
-    return f"{node.target}.weight_quantizer"
+        created = True
+    return f"{node.target}.weight_quantizer", created
 
 
 def _quantize_functional_weight(
     gm: fx.GraphModule, node: fx.Node, config: QuantizerConfig, done: dict[fx.Node, fx.Node], op: str, ctx: PassContext
-) -> str | None:
+) -> tuple[str | None, bool]:
+    """The weight quantizer's path (None: no weight to quantize), and whether the graph changed now."""
     weight = functional_weight(node)
     if weight is None:
-        return None
+        return None, False
     if weight.op == "get_attr":
         config = _fit_groups(config, _attribute(gm, str(weight.target)), node.meta[LAYER_KEY], ctx)
     elif config.granularity == "per_group":  # a computed weight: its shape is known only when it runs
         ctx.note(f"{node.meta[LAYER_KEY]}: per_group weights fall back to per_channel (the weight is computed)")
         config = replace(config, granularity="per_channel")
     if is_quantizer_node(gm, weight):
-        return str(weight.target)
+        return str(weight.target), False
     qnode = done.get(weight)
     if qnode is None:
         base = str(weight.target).replace(".", "_") if weight.op == "get_attr" else weight.name
@@ -95,11 +103,12 @@ def _quantize_functional_weight(
             qnode = gm.graph.call_module(name, (weight,))
         done[weight] = qnode
     node.replace_input_with(weight, qnode)
-    return str(qnode.target)
+    return str(qnode.target), True
 
 
-def insert_quantizers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+def insert_quantizers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Insert weight and activation quantizers for every annotated node; record them in ``ctx.layers``."""
+    modified = False
     weight_done: dict[fx.Node, fx.Node] = {}
     act_done: dict[tuple[fx.Node, QuantizerConfig], fx.Node] = {}
     for node in list(gm.graph.nodes):
@@ -117,9 +126,12 @@ def insert_quantizers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         )
         if spec.weight is not None:
             if node.op == "call_module":
-                record.weight_quantizer = _quantize_module_weight(gm, node, spec.weight, ctx)
+                record.weight_quantizer, created = _quantize_module_weight(gm, node, spec.weight, ctx)
             else:
-                record.weight_quantizer = _quantize_functional_weight(gm, node, spec.weight, weight_done, op, ctx)
+                record.weight_quantizer, created = _quantize_functional_weight(
+                    gm, node, spec.weight, weight_done, op, ctx
+                )
+            modified |= created
         for _, source in activation_inputs(gm, node):
             quantizer = quantized_source(gm, source)
             if quantizer is not None:
@@ -134,9 +146,11 @@ def insert_quantizers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                     qnode = gm.graph.call_module(name, (source,))
                 act_done[key] = qnode
             node.replace_input_with(source, qnode)
+            modified = True
             record.activation_quantizers.append(str(qnode.target))
         node.meta[QUANTIZERS_KEY] = record
         ctx.layers[f"{ctx.piece}:{node.name}"] = record
-    gm.graph.lint()
-    gm.recompile()
-    return gm
+    if modified:
+        gm.graph.lint()
+        gm.recompile()
+    return PassResult(gm, modified)

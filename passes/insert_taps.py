@@ -20,6 +20,7 @@ piece is reported by the API as a recipe error.
 from __future__ import annotations
 
 from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
 
 from fxquant.quant.taps import FeaturePerturbation, Tap, parse_selector
 
@@ -105,8 +106,9 @@ def _targets(gm: fx.GraphModule, ctx: PassContext, kind: str, arg: str) -> list[
     return []
 
 
-def insert_taps(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+def insert_taps(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Add a recording Tap next to every node each of the recipe's feature taps matches."""
+    modified = False
     existing = {
         (n.args[0], m.name, m.key)
         for n in gm.graph.nodes
@@ -125,14 +127,17 @@ def insert_taps(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             gm.add_submodule(attr, Tap(ctx.tap_store, name, key))
             with gm.graph.inserting_after(node):
                 gm.graph.call_module(attr, (node,))
-    gm.recompile()
-    return gm
+            modified = True
+    if modified:
+        gm.recompile()
+    return PassResult(gm, modified)
 
 
-def insert_perturbations(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+def insert_perturbations(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Insert FPQ's feature perturbation on the quantized input of every op of the recipe's perturbed type."""
     if ctx.recipe.features.perturb is None:
-        return gm
+        return PassResult(gm, False)
+    modified = False
     p, op_type = ctx.recipe.features.perturb
     counter = sum(1 for n in gm.graph.nodes if n.op == "call_module" and str(n.target).startswith(PERTURB_PREFIX))
     for node, record in _piece_layers(gm, ctx):
@@ -147,6 +152,8 @@ def insert_perturbations(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
         with gm.graph.inserting_after(source):
             perturbed = gm.graph.call_module(attr, (source,))
         node.replace_input_with(source, perturbed)
+        modified = True
         ctx.tap_matches["perturbations"] = ctx.tap_matches.get("perturbations", 0) + 1
-    gm.recompile()
-    return gm
+    if modified:
+        gm.recompile()
+    return PassResult(gm, modified)

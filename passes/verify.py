@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
 
 from fxquant.errors import PrepareError
 from fxquant.quant.layers import QuantizedLayer
@@ -54,11 +55,11 @@ def check_invariants(gm: fx.GraphModule) -> list[str]:
     return problems
 
 
-def verify(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+def verify(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Raise PrepareError listing every violated invariant; return ``gm`` untouched otherwise."""
     gm.graph.lint()
     problems = check_invariants(gm)
     if problems:
         where = f" in {ctx.piece}" if ctx.piece else ""
         raise PrepareError(f"prepared graph{where} breaks fxquant's invariants: " + "; ".join(problems))
-    return gm
+    return PassResult(gm, False)

@@ -144,7 +144,7 @@ def test_bits_change_at_run_time_without_retracing():
     planned = {"extends": "lsq_w4a4", "bits": {"layers": {"layer1.0.conv1": {"weight": 2, "activation": 3}}}}
     ctx = PassContext(recipe=load_recipe(planned))
     ctx.layers = {f"{r.piece}:{r.node}": r for r in qmodel.report.layers}
-    assign_bits(qmodel.graph_module, ctx)
+    assert not assign_bits(qmodel.graph_module, ctx).modified  # widths are quantizer state, not graph
     layer = next(r for r in qmodel.report.layers if r.name == "layer1.0.conv1")
     wq, aqs = qmodel.layer_quantizers(layer)
     assert wq.bits == 2 and all(q.bits == 3 for q in aqs)

@@ -129,9 +129,9 @@ def test_search_and_zero_shot_create_no_tensor_without_a_device(tiny_fashion):
     lrq = fxquant.prepare_qat(fp, "lrq_w4a4", float_model=fp)
     with torch.device("meta"):
         for method in ("hessian", "sam"):
-            plan, _ = search(qmodel, [(x, y)], "avg3", method, max_iterations=3, example_inputs=x[:1])
+            plan, _ = search(qmodel, [(x, y)], {"budget": "avg3", "method": method, "max_iterations": 3})
             assert plan
-        plan, _ = search(qmodel, [(x, y), (x, y)], "avg4", "saq", iterations=2, example_inputs=x[:1])
+        plan, _ = search(qmodel, [(x, y), (x, y)], {"budget": "avg4", "method": "saq", "iterations": 2})
         zeroshot_train(lrq, {"iterations": 2, "warmup_iterations": 1, "batch_size": 4})
     # (coreset scoring iterates a DataLoader, whose own seeding reads a tensor made on the default device: outside)
     scores = score_samples(qmodel, fp, data)

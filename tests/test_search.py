@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fxquant
+from fxquant.config.sections import SearchConfig
 from fxquant.errors import FxQuantError
 from fxquant.search import Option, allocate, apply, hutchinson_traces, layer_table, load_plan, parse_budget, save_plan
 from fxquant.search.sensitivity import sam_increases
@@ -54,7 +55,8 @@ def test_hutchinson_matches_the_exact_hessian_trace():
     qmodel = fxquant.prepare_qat(Tiny(), "lsq_w4a4", torch.randn(1, 3))
     x, y = torch.randn(32, 3), torch.randint(0, 3, (32,))
     layers = layer_table(qmodel)
-    estimate = hutchinson_traces(qmodel, layers, [(x, y)], tol=1e-9, max_iterations=3000, min_iterations=3000)
+    config = SearchConfig(budget="avg4", tol=1e-9, max_iterations=3000)
+    estimate = hutchinson_traces(qmodel, layers, [(x, y)], config, min_iterations=3000)
     model = Tiny()  # the same weights, plain PyTorch
     exact = {}
     for name in ("fc1", "fc2"):
@@ -80,7 +82,7 @@ def test_hutchinson_matches_the_exact_hessian_trace():
 def test_sam_increase_of_an_activation_is_the_loss_after_its_normalised_gradient_step():
     qmodel = fxquant.prepare_qat(Tiny(), "lsq_w4a4", torch.randn(1, 3))
     x, y = torch.randn(32, 3), torch.randint(0, 3, (32,))
-    increases = sam_increases(qmodel, layer_table(qmodel), [(x, y)], rho=0.1)
+    increases = sam_increases(qmodel, layer_table(qmodel), [(x, y)], SearchConfig(budget="avg4", rho=0.1))
     model = Tiny()
     hidden = torch.tanh(model.fc1(x)).detach().requires_grad_()
     loss = F.cross_entropy(model.fc2(hidden), y)
@@ -108,7 +110,7 @@ def test_search_respects_budget_and_fixed_layers_and_plans_round_trip(tmp_path):
     torch.manual_seed(0)
     qmodel = fxquant.prepare_qat(fxquant.models.resnet20(), "lsq_w4a4", torch.randn(1, 1, 28, 28))
     batches = [(torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,)))]
-    plan, layers = fxquant.search.search(qmodel, batches, "avg3", method="sam")
+    plan, layers = fxquant.search.search(qmodel, batches, {"budget": "avg3", "method": "sam"})
     budget = parse_budget("avg3", layers)
     assert fxquant.search.total_cost(layers, plan, budget) <= budget.limit
     assert plan["conv1"] == (8, 8) and plan["fc"] == (8, 8)  # the recipe's first/last widths
@@ -162,9 +164,8 @@ def test_saq_generator_returns_a_plan_inside_the_budget_and_restores_the_weights
     batches = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(3)]
     fxquant.calibrate(qmodel, batches[0][0])
     before = {k: v.clone() for k, v in qmodel.state_dict().items() if "quantizer" not in k}
-    plan, layers = fxquant.search.search(
-        qmodel, batches, "avg4", method="saq", iterations=4, warmup_batches=batches[:2], budget_slack=0.3
-    )
+    config = {"budget": "avg4", "method": "saq", "iterations": 4, "budget_slack": 0.3}
+    plan, layers = fxquant.search.search(qmodel, batches, config, warmup_batches=batches[:2])
     budget = parse_budget("avg4", layers)
     assert 0.7 * budget.limit <= fxquant.search.total_cost(layers, plan, budget) <= budget.limit
     assert plan["conv1"] == (8, 8)
@@ -189,7 +190,7 @@ def test_layers_reading_one_activation_quantizer_share_a_width_so_real_bops_fit(
     groups = shared_input_groups(qmodel)
     assert ["layer2.0.conv1", "layer2.0.downsample.0"] in [sorted(g) for g in groups]
     batches = [(torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,)))]
-    plan, layers = fxquant.search.search(qmodel, batches, "avg3", method="sam")
+    plan, layers = fxquant.search.search(qmodel, batches, {"budget": "avg3", "method": "sam"})
     apply(qmodel, plan)
     _, totals = collect(qmodel)
     assert totals["bops"] <= parse_budget("avg3", layers).limit * (1 + 1e-9)
@@ -201,9 +202,10 @@ def test_searching_first_and_last_layers_widens_the_choice_under_the_same_budget
     torch.manual_seed(0)
     qmodel = fxquant.prepare_qat(fxquant.models.resnet20(), "lsq_w2a2", torch.randn(1, 1, 28, 28))
     batches = [(torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,)))]
-    fixed_plan, _ = fxquant.search.search(qmodel, batches, "avg2", method="sam")
+    fixed_plan, _ = fxquant.search.search(qmodel, batches, {"budget": "avg2", "method": "sam"})
     assert {bits for name, bits in fixed_plan.items() if name not in ("conv1", "fc")} == {(2, 2)}
-    free_plan, layers = fxquant.search.search(qmodel, batches, "avg2", method="sam", search_first_last=True)
+    config = {"budget": "avg2", "method": "sam", "search_first_last": True}
+    free_plan, layers = fxquant.search.search(qmodel, batches, config)
     budget = parse_budget("avg2", layers)
     assert budget.limit == parse_budget("avg2", layer_table(qmodel)).limit  # same budget either way
     assert fxquant.search.total_cost(layers, free_plan, budget) <= budget.limit
@@ -213,3 +215,18 @@ def test_searching_first_and_last_layers_widens_the_choice_under_the_same_budget
         return sum(layer.omega[plan[layer.name][0]] for layer in layers)
 
     assert objective(free_plan) <= objective(fixed_plan) + 1e-12
+
+
+def test_search_functions_take_the_recipe_section_and_repeat_none_of_its_defaults():
+    """Every default of a [search] key is written once, in SearchConfig: no search function re-declares one."""
+    import inspect
+
+    from fxquant.config.fields import toml_fields
+
+    keys = {f.name for f in toml_fields(SearchConfig)}
+    for function in (fxquant.search.search, fxquant.search.generate, hutchinson_traces, sam_increases):
+        # (their ``batches`` is the data itself; the section's ``batches`` is how many to take)
+        mirrored = sorted(keys & set(inspect.signature(function).parameters) - {"batches"})
+        assert not mirrored, f"{function.__name__} re-declares [search] keys {mirrored}: take the SearchConfig"
+    assert SearchConfig(budget="avg3").widths == (2, 3, 4, 8)
+    assert SearchConfig(budget="avg3", method="saq").widths == (2, 3, 4, 5)

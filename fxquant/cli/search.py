@@ -11,6 +11,7 @@ from rich.markup import escape
 
 from fxquant.api import prepare_qat
 from fxquant.config.bit_plan import save_plan
+from fxquant.config.sections import SearchConfig
 from fxquant.data import fashion_mnist, with_channels
 from fxquant.search import parse_budget, report, save_bar_plot, search
 from fxquant.train.devices import resolve_device
@@ -26,8 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     find.add_argument("--recipe", default="lsq_w4a4", help="gives first/last-layer widths and quantizer types")
     find.add_argument("--budget", default="0.25xW8A8", help="0.25xW8A8, 0.5xFP32, avg3, 1.2e9 or size:150kB")
     find.add_argument("--method", choices=("hessian", "sam", "saq"), default="hessian")
-    find.add_argument("--iterations", type=positive_int, default=100, help="generator iterations (--method saq)")
-    find.add_argument("--candidates", type=widths, default="2,3,4,8")
+    find.add_argument("--iterations", type=positive_int, help="generator iterations (--method saq)")
+    find.add_argument("--candidates", type=widths, help="bit widths to choose from (default: the method's)")
     find.add_argument(
         "--search-first-last", action="store_true", help="search the first/last layers' widths too (budget unchanged)"
     )
@@ -62,16 +63,14 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.method == "saq":
         calibrate(qmodel, batches[0][0])
-    plan, layers = search(
-        qmodel,
-        batches,
-        args.budget,
-        args.method,
-        args.candidates,
-        progress=True,
-        iterations=args.iterations,
+    given = {"iterations": args.iterations, "candidates": tuple(args.candidates) if args.candidates else None}
+    config = SearchConfig(
+        budget=args.budget,
+        method=args.method,
         search_first_last=args.search_first_last,
+        **{key: value for key, value in given.items() if value is not None},  # else the section's defaults
     )
+    plan, layers = search(qmodel, batches, config, progress=True)
     seconds = time.perf_counter() - start
     report(layers, parse_budget(args.budget, layers), plan, args.method, console)
     comment = (

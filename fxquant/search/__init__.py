@@ -2,13 +2,12 @@
 
 Example usage::
 
-    plan, layers = fxquant.search.search(qmodel, batches, budget="avg3", method="hessian")
+    plan, layers = fxquant.search.search(qmodel, batches, {"budget": "avg3", "method": "hessian"})
     fxquant.search.apply(qmodel, plan)
 """
 
 from .allocation import Option, allocate
 from .budget import (
-    DEFAULT_CANDIDATES,
     Budget,
     LayerInfo,
     layer_table,
@@ -21,12 +20,11 @@ from .cost import LayerCost, layer_macs, measure
 from .from_recipe import search_for_recipe
 from .plan import apply, load_plan, save_plan
 from .report import report, save_bar_plot
-from .run import search
+from .run import search, search_config
 from .saq_generator import Controller, GeneratorResult, generate
 from .sensitivity import hutchinson_traces, quantization_error, sam_increases
 
 __all__ = [
-    "DEFAULT_CANDIDATES",
     "Budget",
     "Controller",
     "GeneratorResult",
@@ -48,6 +46,7 @@ __all__ = [
     "save_bar_plot",
     "save_plan",
     "search",
+    "search_config",
     "search_for_recipe",
     "shared_input_groups",
     "tie_groups",

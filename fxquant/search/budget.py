@@ -20,8 +20,6 @@ from fxquant.qat_model import QATModel
 
 from .cost import measure
 
-DEFAULT_CANDIDATES = (2, 3, 4, 8)
-
 
 @dataclass
 class LayerInfo:

@@ -49,24 +49,9 @@ def search_for_recipe(qmodel: QATModel, train_data: Any, batch_size: int, progre
     shuffled = torch.Generator().manual_seed(0)
     loader = DataLoader(plain_view(train_data), batch_size=batch_size, shuffle=True, generator=shuffled)
     batches = [(batch[0], batch[-1]) for _, batch in zip(range(config.batches), loader)]  # search() moves them
+    warmup = _warmup_batches(train_data, batch_size, config.warmup_iterations) if config.method == "saq" else ()
     plan, layers = search(
-        qmodel,
-        batches,
-        config.budget,
-        config.method,
-        config.widths,
-        example_inputs=batches[0][0][:1],
-        rho=config.rho,
-        tol=config.tol,
-        max_iterations=config.max_iterations,
-        progress=progress,
-        iterations=config.iterations,
-        search_first_last=config.search_first_last,
-        activations=config.activations,
-        warmup_batches=_warmup_batches(train_data, batch_size, config.warmup_iterations)
-        if config.method == "saq"
-        else (),
-        budget_slack=config.budget_slack,
+        qmodel, batches, config, example_inputs=batches[0][0][:1], progress=progress, warmup_batches=warmup
     )
     apply(qmodel, plan)
     # Steps are initialised at the planned widths on the first training batch (as a uniform recipe's are), not

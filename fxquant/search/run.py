@@ -25,24 +25,26 @@ this module runs them in order.
 
 Example usage::
 
-    plan, table = fxquant.search.search(qmodel, batches, budget="0.25xW8A8", method="hessian")
+    plan, table = fxquant.search.search(qmodel, batches, {"budget": "0.25xW8A8", "method": "hessian"})
     fxquant.search.apply(qmodel, plan)
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
+from fxquant.config.fields import Where, parse
+from fxquant.config.sections import SearchConfig
 from fxquant.errors import FxQuantError
 from fxquant.qat_model import QATModel
 from fxquant.quant.controls import disable_quant
 from fxquant.train.devices import model_device, to_device
 
 from .allocation import Option, allocate
-from .budget import DEFAULT_CANDIDATES, LayerInfo, layer_table, parse_budget, tie_groups
+from .budget import LayerInfo, layer_table, parse_budget, tie_groups
 from .saq_generator import generate
 from .sensitivity import (
     ActivationTaps,
@@ -67,75 +69,68 @@ def _record_activations(qmodel: QATModel, layers: Sequence[LayerInfo], batches: 
     return {id(q): [t.detach() for t in taps.recorded[id(q)]] for q in quantizers}
 
 
-def search(
-    qmodel: QATModel,
-    batches: Sequence,
-    budget: str,
-    method: str = "hessian",
-    candidates: Sequence[int] = DEFAULT_CANDIDATES,
-    example_inputs: Any = None,
-    tie: Sequence[Sequence[str]] = (),
-    rho: float = 0.05,
-    tol: float = 0.05,
-    max_iterations: int = 50,
-    progress: bool = False,
-    iterations: int = 100,
-    search_first_last: bool = False,
-    activations: bool = True,
-    warmup_batches: Sequence = (),
-    budget_slack: float = 0.05,
-) -> tuple[dict[str, tuple[int, int]], list[LayerInfo]]:
-    """Sensitivity, then the exact allocation; returns (bit plan, per-layer table). Weight and activation bits
-    are tied (each layer gets (b, b)). The recipe's first/last widths are kept unless ``search_first_last``, in
-    which case they are searched too (an ``avgB`` budget still counts them at the recipe's widths: at ``avg2``
-    that is the only way a plan can differ from uniform 2 bits). ``method = "saq"`` learns the configuration
-    with SAQ's generator instead (:mod:`fxquant.search.saq_generator`, ``iterations`` steps).
+def search_config(config: SearchConfig | Mapping[str, Any]) -> SearchConfig:
+    """``config`` as a validated ``[search]`` section (a mapping is checked like the recipe table).
 
     Example usage::
 
-        plan, layers = search(qmodel, [(x, y)], "0.25xW8A8", method="sam")
+        search_config({"budget": "avg3", "method": "sam"}).widths   # (2, 3, 4, 8)
     """
-    if method not in ("hessian", "sam", "saq"):
-        raise FxQuantError(f"search method must be 'hessian', 'sam' or 'saq', got {method!r}")
+    if isinstance(config, SearchConfig):
+        return config
+    return parse(SearchConfig, dict(config), Where("search(config=...)", "search"))
+
+
+def search(
+    qmodel: QATModel,
+    batches: Sequence,
+    config: SearchConfig | Mapping[str, Any],
+    *,
+    example_inputs: Any = None,
+    tie: Sequence[Sequence[str]] = (),
+    progress: bool = False,
+    warmup_batches: Sequence = (),
+) -> tuple[dict[str, tuple[int, int]], list[LayerInfo]]:
+    """Sensitivity, then the exact allocation; returns (bit plan, per-layer table). ``config`` is the recipe's
+    ``[search]`` section (:class:`~fxquant.config.sections.SearchConfig`, or a mapping of its keys: every default is
+    the section's). Weight and activation bits are tied (each layer gets (b, b)). The recipe's first/last widths
+    are kept unless ``search_first_last``, in which case they are searched too (an ``avgB`` budget still counts
+    them at the recipe's widths: at ``avg2`` that is the only way a plan can differ from uniform 2 bits).
+    ``method = "saq"`` learns the configuration with SAQ's generator instead (:mod:`fxquant.search.saq_generator`).
+    Batches (and ``warmup_batches``, SAQ's supernet warm-up) are moved to the model's device.
+
+    Example usage::
+
+        plan, layers = search(qmodel, [(x, y)], {"budget": "0.25xW8A8", "method": "sam"})
+    """
+    config = search_config(config)
     device = model_device(qmodel)  # every batch is used where the model is
     batches = [to_device(tuple(batch), device) for batch in batches]
     warmup_batches = [to_device(tuple(batch), device) for batch in warmup_batches]
-    if method == "saq":  # SAQ's learned generator: the last batch is held out
+    if config.method == "saq":  # SAQ's learned generator: the last batch is held out
         if len(batches) < 2:
             raise FxQuantError("the saq method needs at least 2 batches (training and held-out)")
         plan, _ = generate(
-            qmodel,
-            batches[:-1],
-            batches[-1:],
-            budget,
-            candidates,
-            iterations,
-            rho=rho,
-            example_inputs=example_inputs,
-            search_first_last=search_first_last,
-            warmup_batches=warmup_batches,
-            budget_slack=budget_slack,
+            qmodel, batches[:-1], batches[-1:], config, example_inputs=example_inputs, warmup_batches=warmup_batches
         )
         layers = layer_table(qmodel, example_inputs)
         for layer in layers:
             layer.bits = plan[layer.name][0]
-            layer.searched = not (layer.fixed_bits and not search_first_last)
+            layer.searched = not (layer.fixed_bits and not config.search_first_last)
         return plan, layers
     layers = layer_table(qmodel, example_inputs)
-    limit = parse_budget(budget, layers)
-    if method == "hessian":
-        scores = hutchinson_traces(
-            qmodel, layers, batches, tol=tol, max_iterations=max_iterations, progress=progress, activations=activations
-        )
+    limit = parse_budget(config.budget, layers)
+    if config.method == "hessian":
+        scores = hutchinson_traces(qmodel, layers, batches, config, progress=progress)
     else:
-        scores = sam_increases(qmodel, layers, batches, rho, activations=activations)
-    recorded = _record_activations(qmodel, layers, batches) if activations else {}
+        scores = sam_increases(qmodel, layers, batches, config)
+    recorded = _record_activations(qmodel, layers, batches) if config.activations else {}
     for layer in layers:
         layer.sensitivity = scores.get(layer.name, 0.0)
         layer.activation_sensitivity = tuple(scores.get((layer.name, i), 0.0) for i, _ in enumerate(layer.activations))
         # the budget still counts a first/last layer at its fixed width; searching it only widens the options
-        layer.searched = not (layer.fixed_bits and not search_first_last)
-        options = list(candidates) if layer.searched else [layer.fixed_bits]
+        layer.searched = not (layer.fixed_bits and not config.search_first_last)
+        options = list(config.widths) if layer.searched else [layer.fixed_bits]
         n = max(layer.params, 1)
         layer.omega = {
             b: (layer.sensitivity / n * quantization_error(layer.weight, b) if layer.weight is not None else 0.0)

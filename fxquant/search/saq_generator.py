@@ -11,13 +11,14 @@ out, eval mode) wins.
 
 As the authors' code does (zhuang-group/SAQ): the supernet is first warmed up on shuffled training batches with
 uniformly sampled configurations before the controller learns; held-out losses are measured in eval mode; the
-first/last layers keep their widths; candidates default to {2, 3, 4, 5}. The search trains the model's weights
-as the supernet, so every weight and buffer is restored afterwards (``restore=True``): fine-tuning then starts
+first/last layers keep their widths; candidates default to {2, 3, 4, 5} (``SearchConfig.widths``). The search
+trains the model's weights as the supernet, so every weight and buffer is restored afterwards (``restore=True``):
+fine-tuning then starts
 from the same FP checkpoint as a uniform recipe's, and the only thing the search leaves is the plan.
 
 Example usage::
 
-    plan, info = fxquant.search.saq_generator.generate(qmodel, train_batches, held_out, budget="avg3")
+    plan, info = fxquant.search.saq_generator.generate(qmodel, train_batches, held_out, SearchConfig(budget="avg3"))
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxquant.config.sections import SAMConfig
+from fxquant.config.sections import SAMConfig, SearchConfig
 from fxquant.errors import FxQuantError
 from fxquant.quant.controls import clamp_steps
 from fxquant.quant.quantizers import FakeQuantizer, LSQQuantizer
 from fxquant.train.sam import SAM
 
-from .budget import DEFAULT_CANDIDATES, layer_table, parse_budget, tie_groups, total_cost
+from .budget import layer_table, parse_budget, tie_groups, total_cost
 from .plan import apply
 
 
@@ -98,31 +99,32 @@ def generate(
     qmodel: nn.Module,
     train_batches: Sequence,
     held_out: Sequence,
-    budget: str,
-    candidates: Sequence[int] = DEFAULT_CANDIDATES,
-    iterations: int = 100,
+    config: SearchConfig,
+    *,
+    example_inputs=None,
+    seed: int = 0,
+    progress: bool = False,
+    warmup_batches: Sequence = (),
+    restore: bool = True,
     penalty: float = 5.0,
-    rho: float = 0.05,
     lr: float = 0.01,
     controller_lr: float = 5e-3,
     entropy_weight: float = 1e-3,
     final_samples: int = 32,
-    example_inputs=None,
-    seed: int = 0,
-    progress: bool = False,
-    search_first_last: bool = False,
-    warmup_batches: Sequence = (),
-    budget_slack: float = 0.05,
-    restore: bool = True,
 ) -> tuple[dict[str, tuple[int, int]], GeneratorResult]:
     """Learn a bit configuration as SAQ's generator does (see the module docstring); returns (plan, result).
 
+    ``config`` is the ``[search]`` section: its budget, candidate widths, ``iterations``, SAM radius ``rho``,
+    ``search_first_last`` and ``budget_slack``. The generator's own hyperparameters (the budget ``penalty`` λ,
+    the supernet's and the controller's learning rates, the entropy bonus, the final samples) are not recipe keys.
     ``qmodel``'s quantizers must be initialised (one forward); its weights are trained as the supernet and, with
     ``restore``, put back afterwards (weights and BN statistics; each quantizer keeps the step learned for its
     chosen width); its step sharing ends at the chosen widths.
     ``warmup_batches`` train the supernet under random configurations before the controller learns. First/last
     layers keep the recipe's widths unless ``search_first_last`` (the budget still counts them at those widths).
     """
+    budget, candidates, iterations = config.budget, config.widths, config.iterations
+    search_first_last, budget_slack = config.search_first_last, config.budget_slack
     # the weights and buffers (BN statistics) of every layer; a quantizer keeps the step learned for its width
     in_quantizers = {id(t) for q in qmodel.modules() if isinstance(q, FakeQuantizer) for t in q.state_dict().values()}
     tensors = [t for t in [*qmodel.parameters(), *qmodel.buffers()] if id(t) not in in_quantizers]
@@ -147,7 +149,7 @@ def generate(
         controller = Controller(len(searchable), len(candidates))
     controller_opt = torch.optim.Adam(controller.parameters(), lr=controller_lr)
     supernet_opt = torch.optim.SGD([p for p in qmodel.parameters() if p.requires_grad], lr=lr, momentum=0.9)
-    sam = SAM(qmodel, SAMConfig(rho=rho))
+    sam = SAM(qmodel, SAMConfig(rho=config.rho))
     fixed = {}
     for g in pinned:  # a group holding a first/last layer takes that layer's width
         width = max(fixed_widths[layer.name] for layer in g if layer.name in fixed_widths)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from torch import nn
 
+from fxquant.config.sections import SearchConfig
 from fxquant.quant.controls import disable_quant
 from fxquant.quant.kernel import fake_quantize
 from fxquant.quant.quantizers import integer_range
@@ -86,21 +87,22 @@ def hutchinson_traces(
     qmodel: nn.Module,
     layers: Sequence[LayerInfo],
     batches: Sequence,
-    tol: float = 0.05,
-    max_iterations: int = 50,
+    config: SearchConfig,
+    *,
     min_iterations: int = 5,
     seed: int = 0,
     progress: bool = False,
-    activations: bool = True,
 ) -> dict[object, float]:
     """Tr(H) per layer by Hutchinson's estimator, quantizers off, eval mode: of each weight block, keyed by layer
-    name, and (``activations=True``) of each owned input activation, keyed ``(layer name, i)`` — summed over
-    the calibration batches' activation elements.
+    name, and (``config.activations``) of each owned input activation, keyed ``(layer name, i)`` — summed over
+    the calibration batches' activation elements. Iterates until every running mean moves less than
+    ``config.tol`` (relative), at least ``min_iterations`` and at most ``config.max_iterations`` times.
 
     Example usage::
 
-        traces = hutchinson_traces(qmodel, layers, [(x, y)])
+        traces = hutchinson_traces(qmodel, layers, [(x, y)], SearchConfig(budget="avg3"))
     """
+    tol, max_iterations, activations = config.tol, config.max_iterations, config.activations
     weighted = [layer for layer in layers if layer.weight is not None]
     quantizers = [q for layer in layers for q in layer.activations] if activations else []
     keys: list[object] = [layer.name for layer in weighted]
@@ -144,16 +146,17 @@ def hutchinson_traces(
 
 
 def sam_increases(
-    qmodel: nn.Module, layers: Sequence[LayerInfo], batches: Sequence, rho: float = 0.05, activations: bool = True
+    qmodel: nn.Module, layers: Sequence[LayerInfo], batches: Sequence, config: SearchConfig
 ) -> dict[object, float]:
-    """L(w + ρ·g_i/‖g_i‖) − L(w) for each layer i alone (quantizers off, eval mode), keyed by layer name; with
-    ``activations``, the same for each owned input activation (keyed ``(layer name, i)``), its ε one tensor
-    across the calibration batches.
+    """L(w + ρ·g_i/‖g_i‖) − L(w) for each layer i alone (quantizers off, eval mode; ρ = ``config.rho``), keyed by
+    layer name; with ``config.activations``, the same for each owned input activation (keyed ``(layer name, i)``),
+    its ε one tensor across the calibration batches.
 
     Example usage::
 
-        increases = sam_increases(qmodel, layers, [(x, y)], rho=0.05)
+        increases = sam_increases(qmodel, layers, [(x, y)], SearchConfig(budget="avg3", rho=0.05))
     """
+    rho, activations = config.rho, config.activations
     result: dict[object, float] = {}
     was_training = qmodel.training
     qmodel.eval()

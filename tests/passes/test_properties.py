@@ -1,28 +1,35 @@
 """The prepare invariants over generated models and recipes: quantizers off computes the original (1), one weight
 quantizer per layer and no tensor quantized twice (3), passes idempotent and lint-clean (4), values on the grid (5),
-state_dict round trip (8)."""
+state_dict round trip (8); each pass's own word on whether it modified the graph, and the order rules."""
 
 import copy
 
+import pytest
 import torch
 from fxquant.passes import (
+    ORDER_RULES,
+    PREPARE_PASSES,
     PassContext,
     annotate,
     assign_bits,
     check_invariants,
+    check_order,
     fold_bn,
     fuse_activations,
     insert_quantizers,
+    run_passes,
+    trace_model,
     verify,
 )
 from fxquant.passes.patterns import is_quantizer_node
 from hypothesis import given
-from torch import fx
+from torch import fx, nn
 
 import fxquant
 from fxquant.config import load_recipe
+from fxquant.errors import FxQuantError
 from fxquant.quant.layers import QuantizedLayer
-from tests.strategies import INPUT_SHAPE, models, recipes
+from tests.strategies import INPUT_SHAPE, feature_recipes, models, recipes
 
 
 def _inputs(seed: int = 0) -> torch.Tensor:
@@ -88,9 +95,39 @@ def test_passes_are_idempotent_and_keep_the_graph_valid(model, recipe):
     ctx = PassContext(recipe=load_recipe(recipe))
     for fn in (annotate, fold_bn, insert_quantizers, fuse_activations, assign_bits, verify):
         before = _graph_state(gm)
-        gm = fn(gm, ctx)
+        result = fn(gm, ctx)
+        gm = result.graph_module
         gm.graph.lint()
         assert _graph_state(gm) == before, fn.__name__
+        assert not result.modified, f"{fn.__name__} says it modified a graph it left as it was"
+
+
+@given(model=models(), recipe=feature_recipes())
+def test_each_pass_says_whether_it_modified_the_graph(model, recipe):
+    """A pass's own ``modified`` agrees with an independent look at the code and the submodules before and after
+    it, pass by pass through a fresh preparation."""
+    loaded = load_recipe(recipe)
+    traced = trace_model(copy.deepcopy(model).train(), (), None)
+    gm = traced.pieces[""]
+    ctx = PassContext(recipe=loaded, resolve_first=True, resolve_last=True)
+    changed = set()
+    for fn in PREPARE_PASSES:
+        before = _graph_state(gm)
+        result = fn(gm, ctx)
+        gm = result.graph_module
+        assert result.modified == (_graph_state(gm) != before), fn.__name__
+        changed |= {fn.__name__} if result.modified else set()
+    assert "insert_quantizers" in changed
+
+
+def test_the_pass_order_is_data_the_manager_checks():
+    check_order(PREPARE_PASSES, ORDER_RULES)  # the built-in sequence keeps every rule
+    swapped = list(PREPARE_PASSES)
+    i, j = swapped.index(annotate), swapped.index(insert_quantizers)
+    swapped[i], swapped[j] = swapped[j], swapped[i]
+    with pytest.raises(FxQuantError, match="pass annotate must run before insert_quantizers: quantizers are inserted"):
+        ctx = PassContext(recipe=load_recipe("lsq_w4a4"))
+        run_passes(fx.symbolic_trace(nn.Linear(2, 2)), swapped, ctx, ORDER_RULES)
 
 
 @given(model=models(), recipe=recipes())
