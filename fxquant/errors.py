@@ -34,10 +34,42 @@ class RecipeError(FxQuantError, ValueError):
         self.detail = message
         self.key_parts: tuple[str | int, ...] = ()  # the key path as table keys/indices, when a parser knows it
         # one line, whatever the file held: every echoed piece is escaped
-        text = f"{printable(source)}: " + (f"{printable(key_path)}: " if key_path else "") + printable(message)
+        where = source if len(source) <= 200 else f"{source[:120]}... ({len(source)} characters)"
+        text = f"{printable(where)}: " + (f"{printable(key_path)}: " if key_path else "") + printable(message)
         if suggestion:
             text += f" (did you mean '{printable(suggestion)}'?)"
         super().__init__(text)
+
+
+class RecipeErrors(RecipeError):
+    """Several problems in one recipe, found in one pass: ``problems`` lists them, and the message has one line
+    each (so that a user fixes them all at once, not one run at a time). Its file, key path and suggestion are
+    the first problem's."""
+
+    def __init__(self, problems: list[RecipeError]):
+        first = problems[0]
+        super().__init__(first.source, first.key_path, first.detail, first.suggestion)
+        self.key_parts = first.key_parts
+        self.problems = problems
+        self.args = ("\n".join(str(problem) for problem in problems),)
+
+
+def recipe_problems(error: RecipeError) -> list[RecipeError]:
+    """The single problems an error holds (itself, or a :class:`RecipeErrors`' list).
+
+    Example usage::
+
+        lines = [str(problem) for problem in recipe_problems(err)]
+    """
+    return list(error.problems) if isinstance(error, RecipeErrors) else [error]
+
+
+def raise_problems(problems: list[RecipeError]) -> None:
+    """Raise nothing for no problem, the problem itself for one, a :class:`RecipeErrors` for several."""
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise RecipeErrors(problems)
 
 
 class TraceError(FxQuantError, RuntimeError):

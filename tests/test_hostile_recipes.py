@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fxquant
+import fxquant.cli
 from fxquant.config import builtin_names, dumps_toml
 from fxquant.config.files import MAX_DEPTH
 from fxquant.errors import RecipeError
@@ -269,9 +271,9 @@ def _load_or_located(path: Path) -> None:
     try:
         recipe = fxquant.load_recipe(path)
     except RecipeError as err:
-        text = str(err)
-        assert "\n" not in text and text.isprintable(), text
-        assert text.startswith(str(path.parent)) or text.startswith("<builtin"), text
+        for problem in str(err).splitlines():  # one line per problem, each located
+            assert problem.isprintable(), problem
+            assert problem.startswith(str(path.parent)) or problem.startswith("<builtin"), problem
         return
     # accepted: then it is a complete, finite recipe that round-trips through its own TOML
     assert all(math.isfinite(v) for v in _floats(recipe.toml))
@@ -327,3 +329,53 @@ def test_fuzzed_extends_graphs_load_or_fail_located(tmp_path, links):
     for name, target in zip(["a.toml", "b.toml", "c.toml"], links, strict=True):
         write(folder, name, f"extends = {target!r}\n")
     _load_or_located(folder / "c.toml")
+
+
+def test_a_name_too_long_for_the_file_system_is_a_recipe_error(tmp_path):
+    """``extends`` (and a path given directly) longer than the file system allows: a located RecipeError, not the
+    OSError ("File name too long") that looking the file up raises, and the echoed name is shortened."""
+    long_name = "a" * 5000 + ".toml"
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'extends = "{long_name}"\n')
+    with pytest.raises(RecipeError, match=r"r\.toml: extends: .*cannot be looked up: File name too long") as caught:
+        fxquant.load_recipe(str(recipe))
+    assert len(str(caught.value)) < 1000
+    with pytest.raises(RecipeError, match=r"cannot read .*File name too long") as caught:
+        fxquant.load_recipe(str(tmp_path / long_name))
+    assert len(str(caught.value)) < 1000
+
+
+def test_every_problem_of_a_recipe_is_reported_at_once_one_line_each(tmp_path, capsys):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text(
+        'extends = "lsq_w4a4"\n[quant]\nweight = { bitz = 3, bits = 12 }\nactivation = { granularity = "per_chanel" }\n'
+        "[train]\nlr = -1\n[[loss]]\nkind = \"fpq\"\np = 2\n"
+    )
+    with pytest.raises(RecipeError) as caught:
+        fxquant.load_recipe(str(recipe))
+    lines = str(caught.value).splitlines()
+    expected = [
+        r"quant\.weight\.bitz: unknown key.*did you mean 'bits'",
+        r"quant\.weight\.bits: bits must be 2\.\.8",
+        r"quant\.activation\.granularity: must be one of.*did you mean 'per_channel'",
+        r"train\.lr: must be > 0",
+        r"loss\[0\]\.p: must be in \[0, 1\]",
+    ]
+    assert len(lines) == len(expected)
+    for line, pattern in zip(lines, expected, strict=True):
+        assert line.startswith(f"{recipe}: ") and re.search(pattern, line), line
+    assert caught.value.key_path == "quant.weight.bitz"  # the first problem's, for code that reads one
+    assert fxquant.cli.main(["validate", str(recipe)]) == 2
+    printed = capsys.readouterr().err.strip().splitlines()
+    assert len(printed) == len(expected) and all(line.startswith("fxquant validate: error: ") for line in printed)
+
+
+def test_the_problems_of_an_extends_chain_are_each_blamed_on_their_own_file(tmp_path):
+    (tmp_path / "parent.toml").write_text('extends = "lsq_w4a4"\n[train]\nlr = -1\n')
+    (tmp_path / "child.toml").write_text('extends = "parent.toml"\n[quant]\nbn = "fuse"\n')
+    with pytest.raises(RecipeError) as caught:
+        fxquant.load_recipe(str(tmp_path / "child.toml"))
+    lines = sorted(str(caught.value).splitlines())
+    assert len(lines) == 2
+    assert lines[0].startswith(f"{tmp_path / 'child.toml'}: quant.bn")
+    assert lines[1].startswith(f"{tmp_path / 'parent.toml'}: train.lr")

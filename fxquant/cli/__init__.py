@@ -9,7 +9,7 @@ import argparse
 import sys
 from typing import NoReturn
 
-from fxquant.errors import FxQuantError, printable
+from fxquant.errors import FxQuantError, RecipeError, printable, recipe_problems
 
 from . import demo, export, recipes, search, summary, train, zeroshot
 
@@ -45,9 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (FxQuantError, ValueError, OSError) as err:
-        # bad input (a recipe, a checkpoint, a file, a shape that does not fit the model): one escaped line
+        # bad input (a recipe, a checkpoint, a file, a shape that does not fit the model): one escaped line per
+        # problem (a recipe may have several, all reported at once)
         text = str(err) if not isinstance(err, OSError) or not err.filename else f"{err.filename}: {err.strerror}"
-        print(f"fxquant {args.command}: error: {printable(text)}", file=sys.stderr)
+        lines = [str(problem) for problem in recipe_problems(err)] if isinstance(err, RecipeError) else [text]
+        for line in lines:
+            print(f"fxquant {args.command}: error: {printable(line)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"fxquant {args.command}: interrupted", file=sys.stderr)

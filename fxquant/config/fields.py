@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass
 from typing import Any, TypeVar
 
-from fxquant.errors import RecipeError, closest
+from fxquant.errors import RecipeError, closest, raise_problems, recipe_problems
 
 from .quoting import quote_key
 
@@ -214,12 +214,18 @@ def _value(value: Any, tp: Any, meta: Mapping[str, Any], where: Where, base: Any
         if not isinstance(value, list):
             raise where.error(f"must be {describe_type(tp)}, got {shown(value)}")
         variants = meta.get("variants")
-        if variants is not None:
-            return tuple(
-                _tagged(item, variants, meta.get("tag", "kind"), where.index(i)) for i, item in enumerate(value)
-            )
         item_meta = {"choices": meta.get("choices"), "check": meta.get("check")}
-        return tuple(_value(item, item_tp, item_meta, where.index(i)) for i, item in enumerate(value))
+        items, problems = [], []
+        for i, item in enumerate(value):  # every item checked: all their problems are reported together
+            try:
+                if variants is not None:
+                    items.append(_tagged(item, variants, meta.get("tag", "kind"), where.index(i)))
+                else:
+                    items.append(_value(item, item_tp, item_meta, where.index(i)))
+            except RecipeError as err:
+                problems += recipe_problems(err)
+        raise_problems(problems)
+        return tuple(items)
     if origin is dict:
         _, value_tp = typing.get_args(tp)
         if not isinstance(value, dict):
@@ -262,19 +268,23 @@ def toml_fields(cls: type) -> list[dataclasses.Field]:
 def parse(cls: type[T], table: Any, where: Where, base: T | None = None) -> T:
     """Build section ``cls`` from a TOML table; keys not in the table keep ``base``'s value (or the default).
 
-    Raises RecipeError at the first key that does not fit: unknown (with the nearest key), of the wrong type,
-    out of range, or a required key that is missing.
+    Raises RecipeError for every key that does not fit, found in one pass (:class:`RecipeErrors` when there are
+    several, one line each): unknown (with the nearest key), of the wrong type, out of range, or a required key
+    that is missing.
     """
     if not isinstance(table, dict):
         raise where.error("must be a table")
     hints = _hints(cls)
     known = {f.name: f for f in toml_fields(cls)}
+    problems: list[RecipeError] = []
     for key in table:
         if key not in known:
             valid = sorted(known)
-            raise where.key(key).error(
-                f"unknown key; valid keys here: {', '.join(valid)}",
-                closest(key, valid) if isinstance(key, str) else None,
+            problems.append(
+                where.key(key).error(
+                    f"unknown key; valid keys here: {', '.join(valid)}",
+                    closest(key, valid) if isinstance(key, str) else None,
+                )
             )
     values: dict[str, Any] = {}
     for name, f in known.items():
@@ -282,9 +292,13 @@ def parse(cls: type[T], table: Any, where: Where, base: T | None = None) -> T:
         if name in table:
             # a nested table is parsed onto the current value (a partial table changes only its own keys)
             nested_base = current if dataclasses.is_dataclass(current) else None
-            values[name] = _value(table[name], hints[name], f.metadata, where.key(name), nested_base)
+            try:
+                values[name] = _value(table[name], hints[name], f.metadata, where.key(name), nested_base)
+            except RecipeError as err:
+                problems += recipe_problems(err)
         elif current is MISSING:
-            raise where.key(name).error("missing: this key is required")
+            problems.append(where.key(name).error("missing: this key is required"))
+    raise_problems(problems)
     try:
         return dataclasses.replace(base, **values) if base is not None else cls(**values)
     except (ValueError, TypeError) as err:  # a section's own cross-key checks (__post_init__)

@@ -23,13 +23,17 @@ MAX_DEPTH = 16  # recipe tables nest at most 4 deep; deeper data can only be an 
 
 def read_toml(path: Path, where: Where) -> dict[str, Any]:
     """The TOML table in ``path``, or a RecipeError at ``where`` (the file itself, or the key that named it)."""
-    if not path.exists():
-        raise where.error(f"file not found: {path}")
-    if not path.is_file():
-        raise where.error(f"not a regular file: {path}")
-    if path.stat().st_size > MAX_BYTES:
-        raise where.error(f"{path} is {path.stat().st_size} bytes; recipe and plan files are limited to {MAX_BYTES}")
-    raw = path.read_bytes()
+    try:
+        if not path.exists():
+            raise where.error(f"file not found: {path}")
+        if not path.is_file():
+            raise where.error(f"not a regular file: {path}")
+        size = path.stat().st_size
+        if size > MAX_BYTES:
+            raise where.error(f"{path} is {size} bytes; recipe and plan files are limited to {MAX_BYTES}")
+        raw = path.read_bytes()
+    except OSError as err:  # a name too long for the file system, a folder without permission...
+        raise where.error(f"cannot read {shown(str(path))}: {err.strerror or err}") from None
     return parse_toml_bytes(raw, Where(str(path)))
 
 
@@ -80,9 +84,13 @@ def contained(reference: Any, declaring_file: Path, where: Where, builtin_ok: bo
     candidate = Path(reference)
     if candidate.is_absolute() or candidate.drive:
         raise where.error(f"{rule}; got an absolute path")
-    target = (folder / candidate).resolve()
-    if not target.is_relative_to(folder):
+    try:
+        target = (folder / candidate).resolve()
+        outside, is_file, exists = not target.is_relative_to(folder), target.is_file(), target.exists()
+    except OSError as err:  # a name too long for the file system, and the like
+        raise where.error(f"{rule}; {shown(reference)} cannot be looked up: {err.strerror or err}") from None
+    if outside:
         raise where.error(f"{rule}; {reference!r} leads outside it")
-    if not target.is_file():
-        raise where.error(f"file not found: {target}" if not target.exists() else f"not a regular file: {target}")
+    if not is_file:
+        raise where.error(f"file not found: {target}" if not exists else f"not a regular file: {target}")
     return target

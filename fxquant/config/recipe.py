@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fxquant.errors import RecipeError, closest
+from fxquant.errors import RecipeError, RecipeErrors, closest
 
 from .bit_plan import BitPlan, load_plan
 from .fields import Section, Where, parse, setting, shown
@@ -204,7 +204,7 @@ def _resolve(
 ) -> tuple[dict[str, Any], list[_Layer], str, Path | None]:
     """Follow ``extends``: (merged data, the chain's layers base first, source, path)."""
     data, source, path = _read(reference, declaring, where)
-    identity = str(path.resolve()) if path is not None else source
+    identity = str(path.resolve()) if path is not None else source  # read_toml has opened it: it resolves
     if identity in seen:
         chain = " -> ".join((*seen, identity))
         raise where.error(f"recipes extend each other in a cycle: {chain}")
@@ -232,7 +232,10 @@ def _holds(data: Any, parts: tuple[str | int, ...]) -> bool:
 
 def _blame(err: RecipeError, layers: list[_Layer]) -> RecipeError:
     """The same error, attributed to the file of the chain that holds the key (the child-most that has the whole
-    key path; else the child-most holding the longest part of it): a mistake in a parent names the parent."""
+    key path; else the child-most holding the longest part of it): a mistake in a parent names the parent. Each
+    problem of a :class:`RecipeErrors` is attributed on its own."""
+    if isinstance(err, RecipeErrors):
+        return RecipeErrors([_blame(problem, layers) for problem in err.problems])
     parts = err.key_parts
     if len(layers) < 2 or not parts:
         return err

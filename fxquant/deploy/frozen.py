@@ -7,7 +7,6 @@ buffers only, the weights integer (:func:`fxquant.deploy.ops.pack`).
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn.functional as F
@@ -182,8 +181,3 @@ def _weightless(layer: nn.Module) -> nn.Module:
     shell._buffers = {}
     shell._modules = {}
     return shell
-
-
-def float_elements(module: nn.Module) -> int:
-    """How many float parameter/buffer elements ``module`` holds (integer weights count as none)."""
-    return sum(math.prod(t.shape) for t in module.state_dict().values() if t.is_floating_point())

@@ -16,11 +16,6 @@ except ImportError:  # pragma: no cover
     _ao_observer = None
 
 
-def ao_available() -> bool:
-    """True when ``torch.ao.quantization`` can be imported."""
-    return _ao_observer is not None
-
-
 class _MinMaxFallback(nn.Module):
     """Running min/max (or its moving average) per tensor or per channel, like torch.ao's observers."""
 

@@ -87,10 +87,6 @@ class QuantizerConfig:
             raise ValueError("granularity = 'per_group' needs a learned step (scheme 'lsq' or 'lsq_plus')")
 
     @property
-    def is_full_precision(self) -> bool:
-        return self.bits in FULL_PRECISION_BITS
-
-    @property
     def learns_offset(self) -> bool:
         """LSQ+ : a learned zero point. ``lsq_plus`` always, ``lsq`` when asymmetric."""
         return self.scheme == "lsq_plus" or (self.scheme == "lsq" and not self.symmetric)

@@ -114,7 +114,7 @@ def initialize_quantizers(model: nn.Module, *args: torch.Tensor) -> int:
     Example usage::
 
         x, _ = next(iter(train_loader))
-        fxquant.distributed.initialize_quantizers(qmodel, x)
+        fxquant.train.distributed.initialize_quantizers(qmodel, x)
     """
     quantizers = [m for m in model.modules() if isinstance(m, FakeQuantizer) and not m.is_initialized]
     if not quantizers:
@@ -130,7 +130,7 @@ def observe(model: nn.Module, *args: torch.Tensor) -> None:
 
     Example usage::
 
-        fxquant.distributed.observe(qmodel, x)
+        fxquant.train.distributed.observe(qmodel, x)
     """
     _quantizer_forward(model, [m for m in model.modules() if isinstance(m, FakeQuantizer)], args)
 
