@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-slow bench bench-peers fp-checkpoint lint
+.PHONY: setup demo test test-slow docs docs-build bench bench-gpu bench-peers fp-checkpoint lint
 setup:
 	bash scripts/setup.sh
 
@@ -12,6 +12,13 @@ demo: setup
 test: setup
 	$(PY) -m ruff check fxquant passes recipes tests benchmarks
 	$(PY) -m pytest -m "not slow" -q
+	$(MAKE) --no-print-directory docs-build
+
+# The docs site (docs/, mkdocs.yml) into site/: strict, so a broken link or reference fails the build.
+docs: setup docs-build
+
+docs-build:
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 
 test-slow: setup
 	# two processes: the export families and the model zoo together outgrew 20 GB in one
@@ -22,6 +29,10 @@ test-slow: setup
 # commands of the committed results, each also printed at the top of its results file). Most of a day on 2 cores.
 bench: setup
 	$(PY) benchmarks/suite.py
+
+# On a machine with a CUDA GPU: the gpu test suite and benchmarks/gpu_overhead.py (see scripts/gpu_checks.sh).
+bench-gpu:
+	bash scripts/gpu_checks.sh
 
 # The train-step overhead against the peers (Brevitas, NNCF, torchao): they live in their own venv (.venv-bench), never
 # in fxquant's. Run it alone on the machine: it is a timing benchmark.

@@ -146,10 +146,19 @@ def environment_record() -> dict[str, Any]:
 
 
 def write_results(stem: str, markdown: str, payload: dict[str, Any]) -> Path:
-    """Write ``results/<stem>.md`` and ``results/<stem>.json`` (with the command) and print the Markdown."""
+    """Write ``results/<stem>.md`` and ``results/<stem>.json`` and print the Markdown. Both record the command,
+    the commit, the machine and the library versions (:func:`environment_record`): the Markdown in a line under
+    its title, the JSON as fields.
+
+    Example usage::
+
+        write_results("overhead_cpu", "# Train-step overhead\n\n| model | × FP |\n|---|---|\n", {"rows": rows})
+    """
+    record = environment_record()
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{stem}.md"
-    path.write_text(markdown)
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"command": command_line().strip(), **payload}, indent=1))
-    print(markdown)
+    title, _, rest = markdown.partition("\n")
+    path.write_text(f"{title}\n\n{record['markdown']}\n{rest}")
+    (RESULTS / f"{stem}.json").write_text(json.dumps({**record["fields"], **payload}, indent=1))
+    print(path.read_text())
     return path

@@ -35,7 +35,7 @@ import peers
 import torch
 import torchvision
 from baselines import ao_prepare_qat_fx, ao_start_learning
-from common import environment_record, write_results
+from common import write_results
 from tabulate import tabulate
 from torch import nn
 from train_steps import environment
@@ -327,10 +327,9 @@ def table(rows: list[dict]) -> str:
 
 
 def write(rows: list[dict], missing: list[str], left: list[str], rounds: int, seconds: float) -> None:
-    record = environment_record()
     text = (
         "# GPU train-step overhead: FP vs fxquant vs torch.ao and torchao (eager and compiled)\n\n"
-        f"{record['markdown']}\n\n{rounds} interleaved rounds after {WARMUP} warm-up steps; median step (forward + "
+        f"{rounds} interleaved rounds after {WARMUP} warm-up steps; median step (forward + "
         "cross-entropy + backward + SGD); × FP is against the FP step of the same precision and mode. Peak act. = "
         "peak memory during a step over what was allocated before it. fxquant: calibrated on the GPU; compiled "
         "modes are FXQUANT_COMPILED_QUANTIZER's (fxquant/quant/kernel.py). "
@@ -340,7 +339,7 @@ def write(rows: list[dict], missing: list[str], left: list[str], rounds: int, se
         + ("\n\nLeft out (time budget): " + ", ".join(left) if left else "")
         + f"\n\n{table(rows)}\n"
     )
-    write_results("gpu_overhead", text, {"rows": rows, "missing": missing, "left_out": left, **record["fields"]})
+    write_results("gpu_overhead", text, {"rows": rows, "missing": missing, "left_out": left})
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from fxquant.summary import summary
 from fxquant.train import TrainStep, evaluate
 from fxquant.workflow import calibrate, fit
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",

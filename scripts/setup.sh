@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One-time set-up of a fresh clone: a venv with the pinned torch, fxquant itself (editable, with the test
-# extra) and the real Fashion-MNIST data. Safe to run again: every step is skipped when already done.
+# One-time set-up of a fresh clone: a venv with the pinned torch, fxquant itself (editable, with the test, export
+# and docs extras) and the real Fashion-MNIST data. Safe to run again: every step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,9 +17,9 @@ if ! "$VENV/bin/python" -c 'import torch, torchvision, sys; sys.exit(not (torch.
     # shellcheck disable=SC2086
     "$VENV/bin/pip" install -q $TORCH_PIN
 fi
-if ! "$VENV/bin/python" -c 'import fxquant, pytest, hypothesis, onnx, onnxscript, onnxruntime, transformers, torchao' 2>/dev/null; then
-    echo "[setup] installing fxquant (editable) with its test and export extras"
-    "$VENV/bin/pip" install -q -e '.[test,export]'
+if ! "$VENV/bin/python" -c 'import fxquant, pytest, hypothesis, onnx, onnxscript, onnxruntime, transformers, torchao, mkdocs, material, mkdocstrings' 2>/dev/null; then
+    echo "[setup] installing fxquant (editable) with its test, export and docs extras"
+    "$VENV/bin/pip" install -q -e '.[test,export,docs]'
 fi
 
 # Real data: Debian's package installs the IDX files under /usr/share/datasets/fashion-mnist.

@@ -20,12 +20,13 @@ def test_quick_start_runs(tmp_path, monkeypatch):
     assert (tmp_path / "resnet18_w4a4.pt").is_file()
 
 
-def test_readme_recipes_are_valid():
+def test_every_recipe_shown_in_the_readme_and_the_docs_is_valid():
     import tomllib
 
     import fxquant
 
-    blocks = re.findall(r"```toml\n(.*?)```", README.read_text(), flags=re.S)
+    pages = [README, *sorted((README.parent / "docs").glob("*.md"))]
+    blocks = [b for page in pages for b in re.findall(r"```toml\n(.*?)```", page.read_text(), flags=re.S)]
     assert blocks
     for block in blocks:
         fxquant.load_recipe(tomllib.loads(block))
