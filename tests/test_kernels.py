@@ -11,6 +11,7 @@ fallback (a process without a C++ compiler runs the reference under a Python aut
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import math
@@ -64,6 +65,16 @@ def reference_kernel(case: QuantCase, mask=ALL_GRADS):
     return forward, backward
 
 
+@contextlib.contextmanager
+def torch_threads(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def assert_matches_reference(kernel, case: QuantCase, mask=ALL_GRADS) -> None:
     (y, (gx, gs, gz)), (y_ref, (gx_ref, gs_ref, gz_ref)) = kernel(case, mask), reference_kernel(case, mask)
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0, equal_nan=True)  # dtype included
@@ -80,12 +91,8 @@ def assert_matches_reference(kernel, case: QuantCase, mask=ALL_GRADS) -> None:
 @settings(max_examples=80, deadline=None)
 @given(case=quant_cases(), threads=st.sampled_from([1, 2]))
 def test_the_c_kernel_equals_the_reference(case, threads):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         assert_matches_reference(op_kernel, case)
-    finally:
-        torch.set_num_threads(previous)
 
 
 @needs_c
@@ -96,12 +103,8 @@ def test_the_c_kernel_splits_long_rows_across_threads_with_the_same_result(case,
     x = torch.randn(elements) * 3
     long = QuantCase(x, case.scale[:1], None if case.zero_point is None else case.zero_point[:1], case.qmin,
                      case.qmax, case.input_range, torch.randn(elements))  # fmt: skip
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         assert_matches_reference(op_kernel, long)
-    finally:
-        torch.set_num_threads(previous)
 
 
 @needs_triton

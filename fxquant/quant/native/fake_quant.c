@@ -30,8 +30,8 @@
  * passes torch's thread count; rows (or, for one row, ranges of it) are split into that many parts run by OpenMP.
  * Built with -fopenmp, this file needs libgomp.so.1, and inside a process that imported torch's pip wheel the
  * dynamic loader resolves that to the libgomp torch already loaded: one thread pool, the one torch's own ops run
- * on. (Short-lived pthreads were tried first: creating them cost 20-60 us a call, and they fought the pool's
- * spinning workers for the cores.) Built without OpenMP, everything runs on the calling thread. Small tensors run
+ * on. (Short-lived pthreads were tried first: creating them cost more per call than small passes take, and they
+ * fought the pool's spinning workers for the cores.) Built without OpenMP, everything runs on the calling thread. Small tensors run
  * on one thread either way.
  */
 #include <math.h>
@@ -40,7 +40,7 @@
 #include <string.h>
 
 /* Explicit vectors (GCC/Clang vector extensions): GCC's auto-vectoriser leaves the backward loop scalar with
- * branches, 15-25x slower. Eight lanes where AVX exists, else four (SSE2, NEON). */
+ * branches, several times slower. Eight lanes where AVX exists, else four (SSE2, NEON). */
 #if defined(__AVX__)
 #define LANES 8
 #else
