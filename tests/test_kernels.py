@@ -435,3 +435,23 @@ def test_generated_inputs_are_what_the_kernels_branch_on():
 
     collect()
     assert {torch.float32, torch.bfloat16, torch.float16, "none", "shared", "per_row", True, False} <= seen
+
+
+@needs_triton
+def test_a_triton_kernel_that_cannot_be_built_falls_back_to_the_reference_once(monkeypatch):
+    """On a GPU or Triton the kernels cannot be built for, each op warns once and runs the reference (the same
+    numbers) instead of failing the training step."""
+    from fxquant.quant import ops
+
+    def unbuildable(*args):
+        raise TRITON.KERNEL_ERRORS[0]("no div_rn on this GPU", None, None)
+
+    unbuildable.__name__ = "fake_quantize_forward_test"
+    kernel = ops._or_reference(unbuildable, ops._reference_forward)
+    x, scale = torch.randn(3, 5), torch.tensor([0.1])
+    args = (x, scale, None, -8, 7, 1.0, -math.inf, math.inf)
+    with pytest.warns(RuntimeWarning, match="could not build the GPU kernel fake_quantize_forward_test"):
+        first = kernel(*args)
+    second = kernel(*args)  # no second warning: the reference runs from now on
+    assert torch.equal(first, reference.forward(x, scale, None, -8, 7)) and torch.equal(second, first)
+    monkeypatch.setattr(ops, "_UNBUILDABLE", set())

@@ -39,8 +39,10 @@ from __future__ import annotations
 import functools
 import importlib
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -85,9 +87,9 @@ def _library() -> tuple[torch.library.Library, Kernels]:
     lib.impl("fake_quantize_dynamic", _reference_dynamic, "CompositeExplicitAutograd")
     triton = _triton_kernels()
     if triton is not None:
-        lib.impl("fake_quantize", triton.fake_quantize_forward, "CUDA")
-        lib.impl("fake_quantize_backward", triton.fake_quantize_backward, "CUDA")
-        lib.impl("fake_quantize_dynamic", _triton_dynamic, "CUDA")
+        lib.impl("fake_quantize", _or_reference(triton.fake_quantize_forward, _reference_forward), "CUDA")
+        lib.impl("fake_quantize_backward", _or_reference(triton.fake_quantize_backward, _reference_backward), "CUDA")
+        lib.impl("fake_quantize_dynamic", _or_reference(_triton_dynamic, _reference_dynamic), "CUDA")
     cuda = "Triton" if triton is not None else "reference"
     try:
         if not native_kernel_requested():
@@ -141,6 +143,33 @@ def _triton_kernels() -> ModuleType | None:
         return importlib.import_module("fxquant.quant.triton_kernels")
     except ImportError:
         return None
+
+
+_UNBUILDABLE: set[str] = set()  # kernels that failed to build on this machine: the reference runs instead
+
+
+def _or_reference(kernel: Callable[..., Any], reference_kernel: Callable[..., Any]) -> Callable[..., Any]:
+    """``kernel``, falling back to ``reference_kernel`` (the same numbers, slower) for the rest of the process, with
+    one warning, when Triton cannot build it for this GPU (an older Triton, an unsupported GPU)."""
+
+    @functools.wraps(kernel)
+    def run(*args: Any) -> Any:
+        name = kernel.__name__
+        if name not in _UNBUILDABLE:
+            try:
+                return kernel(*args)
+            except _triton_kernels().KERNEL_ERRORS as error:
+                _UNBUILDABLE.add(name)
+                first = (str(error).strip().splitlines() or [""])[0][:200]
+                warnings.warn(
+                    f"fxquant: Triton could not build the GPU kernel {name} here ({type(error).__name__}: {first}); "
+                    "using the torch-ops reference for it from now on (same numbers, slower)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return reference_kernel(*args)
+
+    return run
 
 
 def _triton_dynamic(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool) -> torch.Tensor:

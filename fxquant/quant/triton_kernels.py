@@ -33,12 +33,24 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.compiler import errors as compile_errors
+from triton.runtime import errors as runtime_errors
 
 from fxquant.quant.grid import MIN_STEP_F32, in_layout_of, rows_are_blocks
 
 MAGIC = 12582912.0  # 1.5·2²³: (v + MAGIC) − MAGIC rounds |v| < 2²² half to even
 TILE = 2048  # elements per tile: 16 per thread at 4 warps (16-byte loads at fp32, 32 bytes at bf16)
 MAX_DYNAMIC_ROW = 32768  # the longest token the one-pass dynamic kernel holds in registers
+# What a kernel that cannot be built for this GPU or Triton raises (the caller then falls back to the reference)
+KERNEL_ERRORS = tuple(
+    error
+    for error in (
+        getattr(compile_errors, "CompilationError", None),
+        getattr(runtime_errors, "OutOfResources", None),
+        getattr(runtime_errors, "PTXASError", None),
+    )
+    if error is not None
+)
 
 
 @triton.jit
