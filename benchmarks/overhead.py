@@ -32,7 +32,16 @@ from baselines import ao_prepare_qat_fx, ao_start_learning
 from common import write_results
 from tabulate import tabulate
 from torch import nn
-from train_steps import MODELS, Bench, TimedStep, batch_of, environment, fp_and_w4a4, use_a_fresh_compile_cache
+from train_steps import (
+    MEMORY_GOAL,
+    MODELS,
+    Bench,
+    TimedStep,
+    batch_of,
+    environment,
+    fp_and_w4a4,
+    use_a_fresh_compile_cache,
+)
 
 import fxquant
 
@@ -163,22 +172,29 @@ def bench_model(name: str, steps: int, compile_too: bool, with_peers: bool) -> t
     return rows, missing
 
 
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
 def verdicts(rows: list[dict]) -> list[str]:
     lines = []
     for name in dict.fromkeys(r["model"] for r in rows):
         by = {r["variant"]: r for r in rows if r["model"] == name}
         goal = MODELS[name].goal
         ours = by["fxquant W4A4"]["ratio_to_fp"]
-        parts = [f"eager W4A4 ×{ours:.2f} of FP (goal ≤ {goal}: {'met' if ours <= goal else 'NOT met'})"]
+        parts = [f"eager W4A4 ×{ours:.2f} of FP (goal ≤ {goal}: {_met(ours <= goal)})"]
         if "fxquant W4A4, input observed" in by:
             observed = by["fxquant W4A4, input observed"]["ratio_to_fp"]
-            parts.append(f"with the input observed ×{observed:.2f} ({'met' if observed <= goal else 'NOT met'})")
+            parts.append(f"with the input observed ×{observed:.2f} ({_met(observed <= goal)})")
         if "fxquant W4A4 compiled" in by:
             compiled = by["fxquant W4A4 compiled"]["ratio_to_fp"]
             parts.append(
-                f"compiled W4A4 ×{compiled:.2f} of compiled FP ({'met' if compiled <= goal else 'NOT met'}; "
+                f"compiled W4A4 ×{compiled:.2f} of compiled FP ({_met(compiled <= goal)}; "
                 f"compiled FP is ×{by['FP32 compiled']['median_ms'] / by['FP32']['median_ms']:.2f} of eager FP)"
             )
+        memory = by["fxquant W4A4"].get("memory_ratio_to_fp")
+        if memory is not None:
+            parts.append(f"saved activations ×{memory:.2f} of FP (goal ≤ {MEMORY_GOAL}: {_met(memory <= MEMORY_GOAL)})")
         others = {label: r["ratio_to_fp"] for label, r in by.items() if not label.startswith(("fxquant", "FP32"))}
         beaten = [label for label, ratio in others.items() if ratio <= ours]
         peers_text = ", ".join(f"{label} ×{ratio:.2f}" for label, ratio in others.items())

@@ -25,7 +25,9 @@ from torch import nn
 
 import fxquant
 
-CNN_GOAL, LINEAR_GOAL = 1.15, 1.5  # W4A4 step / FP step, eager vs eager and compiled vs compiled
+# W4A4 step / FP step (eager vs eager, compiled vs compiled), and saved activations / FP's: the CPU goals of the
+# GPU-speed issue (the op must not cost the CPU its lead)
+CNN_GOAL, LINEAR_GOAL, MEMORY_GOAL = 1.10, 1.5, 1.10
 
 
 def use_a_fresh_compile_cache() -> None:
