@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-from common import PRESETS, fp_checkpoint, mean_std, parse_sets, write_results
+from common import PRESETS, command_line, fp_checkpoint, mean_std, parse_sets, write_results
 from tabulate import tabulate
 
 import fxquant
@@ -136,7 +135,7 @@ def main() -> None:
         headers=["recipe", "W/A bits", "top-1 %", "Δ vs FP (pt)", "time per image × LSQ same bits"],
         tablefmt="github",
     )
-    command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
+    command = command_line()
     text = (
         f"# Accuracy: Fashion-MNIST {args.model}, preset {preset}\n\n"
         f"Command: `{command.strip()}`; torch {torch.__version__}, {torch.get_num_threads()} threads. "

@@ -10,6 +10,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -82,8 +83,8 @@ def mean_std(values: list[float], digits: int = 2) -> str:
 
 
 def command_line() -> str:
-    """How this benchmark was run, for the top of its results."""
-    return f"python {Path(sys.argv[0]).as_posix().split('/')[-2]}/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:])
+    """How this benchmark was run, for the top of its results, quoted so that it can be pasted into a shell."""
+    return shlex.join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
 
 
 def _run(command: list[str]) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 import peers
 import torch
 from baselines import ao_prepare_qat_fx, ao_start_learning
-from common import write_results
+from common import command_line, write_results
 from tabulate import tabulate
 from torch import nn
 from train_steps import (
@@ -294,7 +293,7 @@ def main() -> None:
         headers=["model", "batch", "variant", "median step ms", "× FP", "first step s", "saved act. MB", "× FP"],
         tablefmt="github",
     )
-    command = "python benchmarks/overhead.py " + " ".join(sys.argv[1:])
+    command = command_line()
     peer_versions = ", ".join(f"{name} {version}" for name, version in peers.versions().items())
     text = (
         "# Train-step overhead: FP vs fxquant (eager and compiled) vs torch.ao and the peers\n\n"

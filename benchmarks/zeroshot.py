@@ -24,7 +24,7 @@ import fxquant
 from fxquant import evaluate, fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, quick_setup, write_results
+from common import RESULTS, command_line, quick_setup, write_results
 
 ABLATIONS = {
     "LRQ": {},
@@ -92,7 +92,7 @@ def main() -> None:
         headers=["bits", "method", "top-1 %", "Δ vs FP", "time"],
         tablefmt="github",
     )
-    command = "python benchmarks/zeroshot.py " + " ".join(sys.argv[1:])
+    command = command_line()
     text = (
         "# Zero-shot quantization (LRQ) vs ablations vs real-data QAT · Fashion-MNIST resnet20\n\n"
         f"Command: `{command.strip()}`; torch {torch.__version__}, {torch.get_num_threads()} threads. FP resnet20 "
