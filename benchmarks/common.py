@@ -97,11 +97,12 @@ def _run(command: list[str]) -> str:
 
 def commit() -> str:
     """The commit measured (``git rev-parse``; ``$FXQUANT_COMMIT`` where the checkout travelled without .git), with
-    ``+dirty`` when files differ from it."""
+    ``+dirty`` when files other than results differ from it (a suite run rewrites results as it goes)."""
     found = _run(["git", "rev-parse", "--short=12", "HEAD"]) if shutil.which("git") else ""
     if not found:
         return os.environ.get("FXQUANT_COMMIT", "unknown")
-    return found + ("+dirty" if _run(["git", "status", "--porcelain", "--untracked-files=no"]) else "")
+    changed = _run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"])
+    return found + ("+dirty" if changed else "")
 
 
 def _version(package: str) -> str | None:
