@@ -23,7 +23,7 @@ LEGACY_RESULTS = {
     "accuracy_resnet20_quick_features_mse_w2a2", "accuracy_resnet20_quick_features_mse_w2a2_cr",
     "accuracy_resnet20_quick_features_mse_w2a2_mec", "accuracy_resnet20_quick_features_mse_w4a4",
     "accuracy_resnet20_quick_features_seeds", "accuracy_resnet20_quick_features_w4a4", "channels_last",
-    "compiled_backward", "coreset_quick", "coreset_quick_w2a2", "methods", "overhead",
+    "coreset_quick", "coreset_quick_w2a2", "methods", "overhead",
     "prepare", "sharpness_budgets_avg2", "sharpness_budgets_avg3", "sharpness_hessian", "sharpness_sam",
     "sharpness_sam_avg2", "sharpness_saq", "vit_fmnist", "zeroshot",
 }  # fmt: skip
