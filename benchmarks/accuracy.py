@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import PRESETS, command_line, fp_checkpoint, mean_std, parse_sets, write_results
+from common import PRESETS, fp_checkpoint, mean_std, parse_sets, write_results
 from tabulate import tabulate
 
 import fxquant
@@ -135,10 +135,9 @@ def main() -> None:
         headers=["recipe", "W/A bits", "top-1 %", "Δ vs FP (pt)", "time per image × LSQ same bits"],
         tablefmt="github",
     )
-    command = command_line()
     text = (
         f"# Accuracy: Fashion-MNIST {args.model}, preset {preset}\n\n"
-        f"Command: `{command.strip()}`; torch {torch.__version__}, {torch.get_num_threads()} threads. "
+        f"{torch.get_num_threads()} threads. "
         f"{settings['train_images']} training images (standard augmentation), FP {settings['fp_epochs']} epochs "
         f"(SGD lr 0.1, cosine), every QAT row {settings['qat_epochs']} epochs from that FP checkpoint with its "
         f"recipe's [train] table; test set 10,000 images; seeds {sorted(fp_of)} (mean ± std when several)"

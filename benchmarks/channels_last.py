@@ -25,7 +25,7 @@ from tabulate import tabulate
 import fxquant
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, write_results
+from common import write_results
 
 
 def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -84,7 +84,7 @@ def main() -> None:
     )
     text = (
         "# channels_last: FP and fxquant W4A4 train steps in NCHW and channels_last\n\n"
-        f"Command: `{command_line().strip()}`; torch {torch.__version__}, {args.threads} threads, batch 32×3×64×64, "
+        f"{args.threads} threads, batch 32×3×64×64, "
         f"{args.steps} interleaved steps per variant after 3 warm-up steps, run alone on the machine.\n\n{table}\n"
     )
     write_results("channels_last", text, {"rows": rows})

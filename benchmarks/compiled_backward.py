@@ -21,7 +21,7 @@ import torch
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, write_results
+from common import write_results
 from train_steps import MODELS, TimedStep, fp_and_w4a4, use_a_fresh_compile_cache
 
 VARIANTS = (
@@ -63,7 +63,7 @@ def main() -> None:
     table = tabulate(rows, headers=["model", "variant", "median step ms", "× compiled FP"], tablefmt="github")
     text = (
         "# Compiled W4A4 on CPU: the C kernel's backward against inductor's\n\n"
-        f"Command: `{command_line().strip()}`; torch {torch.__version__}, {args.threads} threads, "
+        f"{args.threads} threads, "
         f"{args.steps} interleaved steps per variant after compilation and 3 warm-up steps, run alone on the "
         f"machine.\n\n{table}\n"
     )

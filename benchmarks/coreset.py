@@ -27,7 +27,7 @@ from fxquant.data import fashion_mnist
 from fxquant.train.coreset import NoisyLabels, random_subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PRESETS, command_line, fp_checkpoint, parse_sets, write_results
+from common import PRESETS, fp_checkpoint, parse_sets, write_results
 
 EPOCHS = {"quick": 3, "full": 6}
 
@@ -122,10 +122,9 @@ def main() -> None:
                  "time × full", "noisy labels in the data trained on"],
         tablefmt="github",
     )  # fmt: skip
-    command = command_line()
     text = (
         f"# ACS vs random vs full data · Fashion-MNIST resnet20 · preset {preset}\n\n"
-        f"Command: `{command.strip()}`; torch {torch.__version__}, {torch.get_num_threads()} threads. FP checkpoint "
+        f"{torch.get_num_threads()} threads. FP checkpoint "
         f"(clean labels, top-1 {fp_top1:.2f}%) from benchmarks/accuracy.py's {preset} preset; "
         f"{settings['train_images']} training images; every QAT run {EPOCHS[preset]} epochs over its own data; "
         f"ACS re-selects every epoch ({args.schedule} schedule of EVS and DS); random = a class-balanced random "

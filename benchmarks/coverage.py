@@ -21,7 +21,7 @@ import warnings
 import torch
 import torchvision
 from baselines import ao_prepare_qat_fx
-from common import command_line, write_results
+from common import write_results
 from tabulate import tabulate
 from torch import fx, nn
 
@@ -190,7 +190,7 @@ def main() -> None:
     ]
     full = sum(1 for p in payload.values() if p["fxquant_share"] >= 99.999)
     md = (
-        f"# Quantization coverage (recipe `{args.recipe}`)\n\n`{command_line()}`\n\n"
+        f"# Quantization coverage (recipe `{args.recipe}`)\n\n"
         + tabulate(rows, headers=headers, tablefmt="github")
         + f"\n\nfxquant quantizes every conv/linear weight on {full} of {len(payload)} models. Share = conv/linear "
         "weight elements (MultiheadAttention's packed projections and transformers' Conv1D included) whose weight "

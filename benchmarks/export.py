@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import torchvision
-from common import command_line, write_results
+from common import write_results
 from tabulate import tabulate
 
 import fxquant
@@ -128,7 +128,7 @@ def main_models(args: argparse.Namespace) -> None:
     )  # fmt: skip
     text = (
         "# Export: QDQ ONNX size, onnxruntime latency and parity\n\n"
-        f"Command: `{command_line().strip()}`; torch {torch.__version__}, onnxruntime CPU provider, "
+        "onnxruntime CPU provider, "
         f"{args.threads} intra-op threads, ORT_ENABLE_ALL for latency (median of {args.repeats} runs, best of two "
         "interleaved rounds). Models calibrated on random inputs (untrained): sizes, latency and parity do not "
         "depend on training. INT4 weights on onnxruntime's CPU provider are storage, not speed: they are "
@@ -194,7 +194,7 @@ def main_zoo(args: argparse.Namespace) -> None:
     )
     text = (
         "# Export: every torchvision classification model\n\n"
-        f"Command: `{command_line().strip()}`; torch {torch.__version__}. {done} of {len(rows)} exports ran in "
+        f"{done} of {len(rows)} exports ran in "
         "onnxruntime.\n\n"
         f"{table}\n"
     )

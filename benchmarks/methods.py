@@ -26,13 +26,12 @@ import hashlib
 import json
 import math
 import statistics
-import subprocess
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from common import PRESETS, RESULTS, command_line, fp_checkpoint, mean_std
+from common import PRESETS, RESULTS, command_line, commit, fp_checkpoint, mean_std
 from tabulate import tabulate
 
 import fxquant
@@ -211,12 +210,6 @@ def row_hash(row: Row, bits: str) -> str:
     else:
         data = f"{base}|random={row.random_fraction}|noise={row.noise}"
     return hashlib.sha256(data.encode()).hexdigest()[:12]
-
-
-def commit() -> str:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
-    dirty = subprocess.run(["git", "status", "--porcelain", "fxquant"], capture_output=True, text=True, check=False)
-    return done.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def load_ledger() -> dict[str, Any]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import peers
 import torch
 from baselines import ao_prepare_qat_fx, ao_start_learning
-from common import command_line, write_results
+from common import write_results
 from tabulate import tabulate
 from torch import nn
 from train_steps import (
@@ -293,11 +293,10 @@ def main() -> None:
         headers=["model", "batch", "variant", "median step ms", "× FP", "first step s", "saved act. MB", "× FP"],
         tablefmt="github",
     )
-    command = command_line()
     peer_versions = ", ".join(f"{name} {version}" for name, version in peers.versions().items())
     text = (
         "# Train-step overhead: FP vs fxquant (eager and compiled) vs torch.ao and the peers\n\n"
-        f"Command: `{command.strip()}` (peers: `make bench-peers`); torch {torch.__version__}, "
+        "Peers: `make bench-peers`. "
         f"{torch.get_num_threads()} threads, {args.steps} interleaved steps per variant after {WARMUP_STEPS} warm-up "
         "steps; median step time (forward + backward + SGD). A compiled variant's × FP is against compiled FP; "
         "its first step includes compilation. fxquant: lsq_w8a8 / lsq_w4a4 (LSQ per-channel weights, LSQ+ "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 import warnings
 
@@ -168,7 +167,6 @@ def main() -> None:
     )
     text = (
         "# prepare_qat time: fxquant vs torch.ao prepare_qat_fx\n\n"
-        f"Command: `python benchmarks/prepare.py {' '.join(sys.argv[1:])}`; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads. fxquant recipe lsq_w4a4; torch.ao default x86 QAT qconfig.\n\n"
         f"Median fxquant/torch.ao time ratio over {len(ratios)} models: **{fmt(median_ratio)}** "
         f"(goal ≤ 1.0; {sum(r <= 1.0 for r in ratios)} of {len(ratios)} models at or below 1.0).\n\n"

@@ -28,7 +28,7 @@ from fxquant import evaluate, fit
 from fxquant.summary import collect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PRESETS, command_line, mean_std, quick_setup, write_results
+from common import PRESETS, mean_std, quick_setup, write_results
 
 
 def main() -> None:
@@ -118,10 +118,9 @@ def main() -> None:
         tablefmt="github",
         disable_numparse=True,
     )
-    command = command_line()
     text = (
         "# Sharpness: LSQ vs SAQ, uniform vs searched bit widths · Fashion-MNIST resnet20\n\n"
-        f"Command: `{command.strip()}`; torch {torch.__version__}, {torch.get_num_threads()} threads. FP top-1 "
+        f"{torch.get_num_threads()} threads. FP top-1 "
         f"{fp_top1:.2f}% (accuracy.py quick checkpoint); every run {args.epochs} epoch(s) of QAT on "
         f"{PRESETS['quick']['train_images']} images from it; QAT seeds {args.seeds} (mean ± std when several). "
         "Searched plans are trained with plain LSQ (no SAM) so that only the widths differ from the uniform row at "

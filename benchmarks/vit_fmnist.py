@@ -16,7 +16,7 @@ import argparse
 import time
 
 import torch
-from common import CACHE, command_line, write_results
+from common import CACHE, write_results
 from tabulate import tabulate
 
 import fxquant
@@ -75,7 +75,6 @@ def main() -> None:
         print(rows[-1], flush=True)
     md = (
         "# Small ViT on Fashion-MNIST: FP vs QAT\n\n"
-        f"`{command_line()}`\n\n"
         f"vit_tiny (torchvision VisionTransformer, 7×7 patches, 4 layers, width 64), FP trained from scratch "
         f"({args.train_images} images × {args.fp_epochs} epochs, AdamW), then QAT for {args.qat_epochs} epochs "
         "(AdamW, lr 1e-4, quantizer lr 1e-3). Top-1 on the 10,000 test images. An accuracy run: `train s` is wall "

@@ -24,7 +24,7 @@ import fxquant
 from fxquant import evaluate, fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, command_line, quick_setup, write_results
+from common import RESULTS, quick_setup, write_results
 
 ABLATIONS = {
     "LRQ": {},
@@ -92,10 +92,9 @@ def main() -> None:
         headers=["bits", "method", "top-1 %", "Δ vs FP", "time"],
         tablefmt="github",
     )
-    command = command_line()
     text = (
         "# Zero-shot quantization (LRQ) vs ablations vs real-data QAT · Fashion-MNIST resnet20\n\n"
-        f"Command: `{command.strip()}`; torch {torch.__version__}, {torch.get_num_threads()} threads. FP resnet20 "
+        f"{torch.get_num_threads()} threads. FP resnet20 "
         f"(benchmarks/accuracy.py quick checkpoint, top-1 {fp_top1:.2f}%). {args.iterations} iterations of batch "
         f"{args.batch} ({args.warmup} generator-only), generator width {args.channels}; real-data QAT: "
         f"{student_steps} LSQ steps of {args.batch} real images. Samples: `zeroshot_samples_<bits>.png`.\n\n"

@@ -25,7 +25,7 @@ from fxquant.quant.controls import quantizers_of
 from fxquant.quant.quantizers import ObserverQuantizer
 from fxquant.search.from_recipe import search_for_recipe
 from fxquant.train import coreset, distributed
-from fxquant.train.devices import Precision, loader_options, model_device, resolve_device
+from fxquant.train.devices import Precision, loader_options, resolve_device
 from fxquant.train.loop import EpochRecord, evaluate, make_loader, progress_bar, run_epoch
 from fxquant.train.optim import make_optimizer
 from fxquant.train.step import TrainStep
@@ -145,7 +145,7 @@ def fit(
     step = TrainStep(trained, optimizer, criterion, ce_weight=config.ce_weight, precision=precision)
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # after TrainStep: it adds the losses' own parameters
     step.total_epochs = float(config.epochs)
-    selector, train_loader = _coreset(model, recipe, train_data, train_loader, config, seed, info)
+    selector, train_loader = _coreset(target, recipe, train_data, train_loader, config, seed, info)
     scorer = _coreset_teacher(model, step) if selector is not None else None
     history: list[EpochRecord] = []
     bar = progress_bar() if shows else None
@@ -187,7 +187,7 @@ def fit(
 
 
 def _coreset(
-    model: nn.Module,
+    device: torch.device,
     recipe: Any,
     train_data: Any,
     train_loader: DataLoader,
@@ -201,8 +201,8 @@ def _coreset(
     selector = coreset.CoresetSelector(recipe.coreset, config.epochs)
     sampler = coreset.CoresetSampler(torch.arange(len(train_data), device="cpu"), info, seed)
     per_rank = config.batch_size // info.world_size
-    options = loader_options(model_device(model))
-    return selector, DataLoader(train_data, batch_size=per_rank, sampler=sampler, drop_last=True, **options)
+    loader = DataLoader(train_data, batch_size=per_rank, sampler=sampler, drop_last=True, **loader_options(device))
+    return selector, loader
 
 
 def _coreset_teacher(model: QATModel, step: TrainStep) -> nn.Module | None:

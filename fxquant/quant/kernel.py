@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from fxquant.quant import reference
 from fxquant.quant.grid import MIN_STEP
-from fxquant.quant.ops import ops_ready
+from fxquant.quant.ops import gradients_wanted, ops_ready
 
 __all__ = ["MIN_STEP", "clamp_input", "fake_quantize", "fake_quantize_per_token"]
 
@@ -49,7 +49,7 @@ class _TracedForward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, scale, zero_point = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], zero_point is not None and ctx.needs_input_grad[2]]
+        mask = gradients_wanted(ctx, zero_point)
         backward = reference.backward if ctx.traced_backward else torch.ops.fxquant.fake_quantize_backward
         grads = backward(grad, x, scale, zero_point, *ctx.numbers, mask)
         return (*(g if wanted else None for g, wanted in zip(grads, mask)), None, None, None, None, None, None)

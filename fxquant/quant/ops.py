@@ -152,9 +152,10 @@ def _or_reference(kernel: Callable[..., Any], reference_kernel: Callable[..., An
     """``kernel``, falling back to ``reference_kernel`` (the same numbers, slower) for the rest of the process, with
     one warning, when Triton cannot build it for this GPU (an older Triton, an unsupported GPU)."""
 
+    name = kernel.__name__
+
     @functools.wraps(kernel)
     def run(*args: Any) -> Any:
-        name = kernel.__name__
         if name not in _UNBUILDABLE:
             try:
                 return kernel(*args)
@@ -214,9 +215,19 @@ def _python_setup_context(ctx, inputs, output) -> None:
     ctx.numbers = numbers
 
 
+def gradients_wanted(ctx: Any, zero_point: torch.Tensor | None) -> list[bool]:
+    """The backward op's ``output_mask`` for an autograd context whose first inputs are (x, scale, zero_point).
+
+    Example usage::
+
+        mask = gradients_wanted(ctx, zero_point)   # [True, True, False] for a symmetric quantizer
+    """
+    return [ctx.needs_input_grad[0], ctx.needs_input_grad[1], zero_point is not None and ctx.needs_input_grad[2]]
+
+
 def _python_backward(ctx, grad):
     x, scale, zero_point = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], zero_point is not None and ctx.needs_input_grad[2]]
+    mask = gradients_wanted(ctx, zero_point)
     grads = torch.ops.fxquant.fake_quantize_backward(grad, x, scale, zero_point, *ctx.numbers, mask)
     return (*(g if wanted else None for g, wanted in zip(grads, mask)), None, None, None, None, None)
 

@@ -13,8 +13,8 @@ As the authors' code does (zhuang-group/SAQ): the supernet is first warmed up on
 uniformly sampled configurations before the controller learns; held-out losses are measured in eval mode; the
 first/last layers keep their widths; candidates default to {2, 3, 4, 5} (``SearchConfig.widths``). The search
 trains the model's weights as the supernet, so every weight and buffer is restored afterwards (``restore=True``):
-fine-tuning then starts
-from the same FP checkpoint as a uniform recipe's, and the only thing the search leaves is the plan.
+fine-tuning then starts from the same FP checkpoint as a uniform recipe's, and the only thing the search leaves is
+the plan.
 
 Example usage::
 

@@ -129,7 +129,7 @@ def hutchinson_traces(
                     for v in variables
                 ]
                 hvs = torch.autograd.grad(grads, variables, grad_outputs=vs, retain_graph=True)
-                products = torch.stack([(v * hv).sum().float().cpu() for v, hv in zip(vs, hvs)]).tolist()
+                products = torch.stack([(v * hv).sum().float() for v, hv in zip(vs, hvs)]).tolist()  # one read
                 for i, product in zip(owner, products):
                     sums[i] += product
                 means = [s / k for s in sums]

@@ -102,7 +102,7 @@ class TrainStep:
             with torch.device(device):  # a loss's own modules (a gate) are built where the model is
                 losses = build_losses(recipe.losses) if recipe is not None else []
         self.losses = list(losses)
-        self.loss_parameters = self._adopt_loss_parameters()
+        self.loss_parameters = self._adopt_loss_parameters(device)
         float_model = teacher if teacher is not None else getattr(self.student, "float_model", None)
         self.teacher = build_teacher(self.student, float_model, self.losses)
         self.extra_losses = list(extra_losses)
@@ -114,10 +114,10 @@ class TrainStep:
         self.views = 1 + max((v for loss in self.losses for v in (*loss.student_views, *loss.teacher_views)), default=0)
         self.sam = SAM(self.student, recipe.sam) if recipe is not None and recipe.sam is not None else None
 
-    def _adopt_loss_parameters(self) -> list[nn.Parameter]:
+    def _adopt_loss_parameters(self, device: torch.device) -> list[nn.Parameter]:
         """Parameters the losses learn (a gate's): on the student's device, in the optimizer as a group of their
         own (the first group's learning rate, no weight decay) unless the optimizer already holds them."""
-        parameters = [p for loss in self.losses for p in loss.to(model_device(self.student)).parameters()]
+        parameters = [p for loss in self.losses for p in loss.to(device).parameters()]
         held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         fresh = [p for p in parameters if id(p) not in held]
         if fresh:
